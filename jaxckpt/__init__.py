@@ -1,0 +1,24 @@
+"""jaxckpt: train JAX/Flax models with checkpointing done right.
+
+Best-K by a monitored metric and latest-N, saved asynchronously through Orbax, with the
+optimizer state, RNG and data position, so a crashed or preempted run resumes exactly.
+"""
+
+from jaxckpt.errors import CheckpointCorruptError as CheckpointCorruptError
+from jaxckpt.errors import CheckpointDirectoryError as CheckpointDirectoryError
+from jaxckpt.errors import CheckpointNotFoundError as CheckpointNotFoundError
+from jaxckpt.errors import CheckpointWriteError as CheckpointWriteError
+from jaxckpt.errors import DirectoryLockedError as DirectoryLockedError
+from jaxckpt.errors import MetricError as MetricError
+from jaxckpt.errors import RestoreStructureError as RestoreStructureError
+from jaxckpt.manager import Checkpoint as Checkpoint
+from jaxckpt.manager import CheckpointManager as CheckpointManager
+from jaxckpt.policy import CheckpointPolicy as CheckpointPolicy
+from jaxckpt.policy import auto_interval as auto_interval
+from jaxckpt.state import TrainState as TrainState
+from jaxckpt.state import nnx_checkpoint_state as nnx_checkpoint_state
+from jaxckpt.state import nnx_merge as nnx_merge
+from jaxckpt.state import nnx_restore_into as nnx_restore_into
+from jaxckpt.state import nnx_split as nnx_split
+
+__version__ = "0.1.0"

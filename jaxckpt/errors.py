@@ -1,0 +1,34 @@
+"""Errors that name the problem and the fix. Each subclasses the builtin a caller would
+expect (ValueError, FileNotFoundError, ...), so ``except ValueError`` keeps working."""
+
+from __future__ import annotations
+
+from jaxckpt.policy import MetricError
+
+__all__ = ["MetricError", "CheckpointNotFoundError", "RestoreStructureError",
+           "CheckpointWriteError", "CheckpointDirectoryError", "CheckpointCorruptError",
+           "DirectoryLockedError"]
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The requested checkpoint (step, "best" or "latest") does not exist."""
+
+
+class RestoreStructureError(ValueError):
+    """A restore target's tree structure or shapes differ from the checkpoint's."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A (background) checkpoint write failed; earlier checkpoints are untouched."""
+
+
+class CheckpointDirectoryError(OSError):
+    """The checkpoint directory cannot be used (a file, not writable, not a checkpoint dir)."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files do not match the manifest written when it was committed."""
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another live run is writing to the same checkpoint directory."""

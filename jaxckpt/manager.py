@@ -1,0 +1,719 @@
+"""``CheckpointManager``: jaxckpt's policy on top of Orbax's storage and async I/O.
+
+Orbax writes each checkpoint (atomically: a checkpoint is visible only once complete)
+and runs the write in the background. jaxckpt owns everything Orbax leaves to chance:
+which steps are written, which are kept (best-K by metric union latest-N, computed by
+:mod:`jaxckpt.policy`), the metric history of every step, and the tracker state that a
+restarted process needs to know what the best checkpoint really is.
+
+On disk, beside Orbax's step directories::
+
+    DIR/jaxckpt.json        history + policy, rewritten atomically by the primary process
+    DIR/<step>/state/       the state pytree (Orbax StandardSave)
+    DIR/<step>/meta/        JSON: step, epoch, metrics, time (the step's own record)
+    DIR/<step>/data_state/  JSON: the data iterator's state, when given
+
+Everything is JSON or tensorstore arrays: nothing loaded from a checkpoint can run code.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+import warnings
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxckpt.errors import (CheckpointDirectoryError, CheckpointNotFoundError,
+                            CheckpointWriteError, RestoreStructureError)
+from jaxckpt.policy import CheckpointPolicy, Record, auto_interval
+
+__all__ = ["CheckpointManager", "Checkpoint", "HISTORY_FILE"]
+
+log = logging.getLogger("jaxckpt")
+
+HISTORY_FILE = "jaxckpt.json"
+_FORMAT = "jaxckpt/1"
+_BYTES_KEY = "__bytes_b64__"
+
+Which = Literal["latest", "best"] | int
+
+
+class Checkpoint(NamedTuple):
+    """A restored checkpoint: the state and everything saved beside it."""
+
+    step: int
+    state: Any
+    metrics: dict[str, float] | None
+    epoch: int | None
+    data_state: Any
+
+
+class _Entry(NamedTuple):
+    step: int
+    metrics: dict[str, float] | None
+    epoch: int | None
+    time: float
+    saved: bool
+
+
+class CheckpointManager:
+    """Saves a state pytree asynchronously and keeps the checkpoints a policy asks for.
+
+    Synopsis::
+
+        policy = jaxckpt.CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1)
+        with jaxckpt.CheckpointManager("/tmp/run/checkpoints", policy) as mngr:
+            for epoch in range(1, 51):
+                state, metrics = train_epoch(state)
+                mngr.save(epoch, state, metrics=metrics)
+            best = mngr.restore("best", target=state)
+
+    Args:
+      directory: a local path or a ``gs://`` URL; created if missing.
+      policy: a :class:`CheckpointPolicy`. None keeps the latest checkpoint only, or,
+        when reopening a directory, the policy it was written with.
+      async_save: write in the background; ``save`` returns once the state is copied
+        off the device. A failed background write is raised by the next ``save``/``wait``.
+      read_only: inspect only: never writes, deletes or takes the directory over.
+      clock: the time source for ``every_seconds`` (injectable for tests).
+    """
+
+    def __init__(self, directory: str | os.PathLike, policy: CheckpointPolicy | None = None,
+                 async_save: bool = True, *, read_only: bool = False,
+                 clock: Callable[[], float] = time.time):
+        self._dir = epath.Path(directory)
+        self._read_only = read_only
+        self._clock = clock
+        self._async = async_save
+        self._primary = jax.process_index() == 0
+        _check_directory(self._dir, read_only=read_only)
+        stored = _read_history_file(self._dir)
+        if policy is None:
+            policy = (CheckpointPolicy(**stored["policy"]) if stored and stored.get("policy")
+                      else CheckpointPolicy())
+        if not isinstance(policy, CheckpointPolicy):
+            raise TypeError(f"policy must be a jaxckpt.CheckpointPolicy, got {type(policy)}.")
+        self.policy = policy
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None,  # jaxckpt decides what is deleted, and when
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                    "data_state": ocp.JsonCheckpointHandler()}
+        self._ocp = ocp.CheckpointManager(self._dir, options=options, item_handlers=handlers)
+        self._entries: list[_Entry] = _entries_from_json(stored)
+        self._records: dict[int, Record] = {}
+        for step in self._ocp.all_steps():
+            meta = self._read_meta(step)
+            self._records[step] = Record(step, self.policy.stored_value(meta.get("metrics")))
+        self._start_time = clock()
+        self._last_save_time = stored.get("last_save_time") if stored else None
+        self._auto_every: int | None = stored.get("auto_every") if stored else None
+        self._save_cost_s: float | None = stored.get("save_cost_s") if stored else None
+        if not self._entries:  # no history file: rebuild what the checkpoints remember
+            self._entries = [self._entry_from_meta(s) for s in sorted(self._records)]
+        # Background work (commit wait, deletions, history writes) runs in one FIFO thread,
+        # so history snapshots land on disk in the order they were taken.
+        self._futures: list[concurrent.futures.Future] = []
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxckpt")
+        self._lock = threading.Lock()
+        self._last_call: tuple[float, int] | None = None
+        self._step_time_s: float | None = None
+        self._closed = False
+
+    # -- public properties --------------------------------------------------------------
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._dir
+
+    @property
+    def latest_step(self) -> int | None:
+        """The newest kept checkpoint's step, or None when there is none."""
+        return max(self._records) if self._records else None
+
+    @property
+    def best_step(self) -> int | None:
+        """The best kept checkpoint's step by the monitored metric (None without one)."""
+        best = self.policy.best(self._records.values())
+        return best.step if best else None
+
+    @property
+    def every_n_steps(self) -> int | None:
+        """The save interval in steps: the policy's, or the one ``every="auto"`` chose."""
+        return self.policy.every_n_steps or self._auto_every
+
+    def steps(self) -> list[int]:
+        """Steps of the kept checkpoints, oldest first (an in-flight save included)."""
+        return sorted(self._records)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every step given to ``save`` with metrics, kept or not: ``{"step", "metrics"}``."""
+        return [{"step": e.step, "metrics": dict(e.metrics)} for e in self._entries
+                if e.metrics is not None]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The full history: step, epoch, metrics, time, whether it was written, kept."""
+        return [{**e._asdict(), "kept": e.step in self._records} for e in self._entries]
+
+    def kept_reasons(self) -> dict[int, list[str]]:
+        """Why each kept checkpoint is kept (``"best #1"``, ``"latest"``)."""
+        return self.policy.kept(list(self._records.values()))
+
+    def metrics(self, step: int) -> dict[str, float] | None:
+        """The metrics saved with checkpoint ``step``."""
+        return self._read_meta(self._resolve(step)).get("metrics")
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None,
+             data_state: Any = None, *, epoch: int | None = None, force: bool = False) -> bool:
+        """Save ``state`` at ``step`` if the policy wants it; return whether it did.
+
+        Args:
+          step: the training step; must be above the latest saved step.
+          state: any pytree of arrays (a :class:`jaxckpt.TrainState`, a dict, ...).
+          metrics: scalar metrics of this step; must hold the monitored one when given.
+            Recorded in :meth:`history` whether or not the state is written.
+          data_state: the data iterator's state (a JSON-able dict, or bytes).
+          epoch: completed epochs, for ``every_n_epochs`` and for the record.
+          force: write even if not due (e.g. on preemption).
+
+        Raises:
+          MetricError: ``metrics`` lacks the monitored metric (lists what it got).
+          ValueError: ``step`` is not above the latest saved step.
+          CheckpointWriteError: the previous background write failed.
+        """
+        self._check_open(write=True)
+        self._raise_finished()
+        step = _as_step(step)
+        if self.latest_step is not None and step <= self.latest_step:
+            raise ValueError(
+                f"save(step={step}) is not above the latest saved step {self.latest_step} in "
+                f"{self._dir}. Steps must increase: resume from restore('latest') and continue "
+                "its step count, or save into a new directory.")
+        clean = _clean_metrics(metrics)
+        value = self.policy.monitored_value(clean)
+        if self.policy.monitor and clean is None:
+            log.warning("save(step=%d) without metrics: it can be kept as latest, never best.",
+                        step)
+        if value is not None and not math.isfinite(value):
+            warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: the "
+                          "checkpoint can be kept as latest but never as best.", stacklevel=2)
+            value = None
+        now = self._clock()
+        self._observe_step_time(now, step)
+        due = force or self.policy.is_due(
+            step, epoch=epoch, now=now,
+            last_save_time=self._last_save_time if self._last_save_time else self._start_time)
+        due = due or self._auto_due(step)
+        reason = "forced" if force else self.policy.should_save(
+            value, list(self._records.values()), due=due)
+        recorded = self._record_entry(_Entry(step, clean, epoch, now, reason is not None))
+        if reason is None:
+            log.debug("step %d: not saved (not due, not among the best)", step)
+            if recorded:
+                self._submit(self._write_history, self._snapshot())
+            return False
+        self._finish_pending()  # Orbax writes one checkpoint at a time
+        self._write(step, state, clean, epoch, data_state, now, value, reason)
+        return True
+
+    def wait(self) -> None:
+        """Block until every background write has committed (and raise if one failed)."""
+        self._check_open()
+        self._finish_pending()
+
+    def close(self) -> None:
+        """Finish writes and release resources; the manager cannot be used afterwards."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._worker.shutdown(wait=True)
+            self._ocp.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # keep the original exception; still flush what can be flushed
+            self.close()
+        except Exception as close_error:  # noqa: BLE001 - reported, not hidden
+            log.error("while closing after %s: %s", exc_type.__name__, close_error)
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            try:
+                self._worker.shutdown(wait=False)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+    # -- restoring -----------------------------------------------------------------------
+
+    def restore(self, which: Which = "latest", target: Any = None) -> Any:
+        """The state saved at ``which`` (``"latest"``, ``"best"`` or a step).
+
+        Args:
+          which: ``"latest"``, ``"best"`` or an int step from :meth:`steps`.
+          target: None for plain numpy arrays in nested dicts/lists (works whatever the
+            number of processes or devices that wrote it); or a pytree of arrays or
+            ``jax.ShapeDtypeStruct`` (with shardings) of the saved structure, in which case
+            the arrays come back placed like the target, in the target's containers.
+
+        Raises:
+          CheckpointNotFoundError: no such checkpoint (lists the available steps).
+          RestoreStructureError: ``target`` differs from the checkpoint (lists the keys).
+        """
+        return self.restore_checkpoint(which, target).state
+
+    def restore_checkpoint(self, which: Which = "latest", target: Any = None) -> Checkpoint:
+        """Like :meth:`restore`, with the step's metrics, epoch and data state."""
+        self._check_open()
+        self._finish_pending()
+        step = self._resolve(which)
+        state = self._restore_state(step, target)
+        meta = self._read_meta(step)
+        return Checkpoint(step, state, meta.get("metrics"), meta.get("epoch"),
+                          self._read_data_state(step))
+
+    def restore_data_state(self, which: Which = "latest") -> Any:
+        """The data iterator state saved with checkpoint ``which`` (None if none was)."""
+        self._check_open()
+        return self._read_data_state(self._resolve(which))
+
+    # -- internals: writing --------------------------------------------------------------
+
+    def _write(self, step, state, metrics, epoch, data_state, now, value, reason) -> None:
+        items = {"state": ocp.args.StandardSave(_to_saveable(state)),
+                 "meta": ocp.args.JsonSave({"format": _FORMAT, "step": step, "epoch": epoch,
+                                            "metrics": metrics, "time": now,
+                                            "reason": reason})}
+        if data_state is not None:
+            items["data_state"] = ocp.args.JsonSave(_encode_data_state(data_state))
+        start = time.perf_counter()
+        try:
+            self._ocp.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise CheckpointWriteError(
+                f"saving step {step} to {self._dir} failed: {e!r}. Earlier checkpoints are "
+                "intact; fix the cause (disk space, permissions) and save again.") from e
+        blocked = time.perf_counter() - start
+        self._records[step] = Record(step, value)
+        self._last_save_time = now
+        kept = self.policy.kept(list(self._records.values()))
+        stale = sorted(set(self._records) - set(kept))
+        for s in stale:
+            del self._records[s]
+        log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
+                  kept, stale)
+        self._submit(self._commit, step, stale, start, blocked)
+        if not self._async:
+            self._finish_pending()
+
+    def _commit(self, step: int, stale: list[int], start: float, blocked: float) -> None:
+        """Background: wait for Orbax's commit of ``step``, then delete what it replaced."""
+        self._ocp.wait_until_finished()
+        self._ocp.check_for_errors()
+        write_s = time.perf_counter() - start
+        self._update_cost(blocked, write_s)
+        for s in stale:
+            log.debug("deleting step %d: no longer among the kept checkpoints", s)
+            self._ocp.delete(s)
+        self._write_history(self._snapshot())
+
+    def _submit(self, fn, *args) -> None:
+        self._futures.append(self._worker.submit(fn, *args))
+
+    def _raise_finished(self) -> None:
+        """Raise the error of a finished background task without waiting for the others."""
+        while self._futures and self._futures[0].done():
+            self._check_future(self._futures.pop(0))
+
+    def _finish_pending(self) -> None:
+        while self._futures:
+            self._check_future(self._futures.pop(0))
+
+    def _check_future(self, future: concurrent.futures.Future) -> None:
+        try:
+            future.result()
+        except Exception as e:
+            self._ocp.reload()
+            on_disk = set(self._ocp.all_steps())
+            lost = sorted(set(self._records) - on_disk)
+            for s in lost:
+                del self._records[s]
+            for s in on_disk - set(self._records):  # kept after all: its successor failed
+                meta = self._read_meta(s)
+                self._records[s] = Record(s, self.policy.stored_value(meta.get("metrics")))
+            self._entries = [e_._replace(saved=False) if e_.step in lost else e_
+                             for e_ in self._entries]
+            raise CheckpointWriteError(
+                f"background write of step(s) {lost} to {self._dir} failed: {e!r}. Every "
+                f"earlier checkpoint is intact ({sorted(self._records)}); fix the cause "
+                "(disk space, permissions) and save again.") from e
+
+    def _record_entry(self, entry: _Entry) -> bool:
+        """Add ``entry`` to the history; return whether the history changed."""
+        with self._lock:
+            # A resumed run redoes the steps after its checkpoint: its entries replace those.
+            kept = [e for e in self._entries if e.step < entry.step]
+            changed = len(kept) != len(self._entries)
+            if entry.metrics is not None or entry.saved:
+                kept.append(entry)
+                changed = True
+            self._entries = kept
+        return changed
+
+    def _entry_from_meta(self, step: int) -> _Entry:
+        meta = self._read_meta(step)
+        return _Entry(step, meta.get("metrics"), meta.get("epoch"),
+                      float(meta.get("time") or 0.0), True)
+
+    def _snapshot(self) -> dict:
+        with self._lock:
+            history = [e._asdict() for e in self._entries]
+        return {"format": _FORMAT, "policy": self.policy.to_json(),
+                "last_save_time": self._last_save_time, "auto_every": self._auto_every,
+                "save_cost_s": self._save_cost_s, "history": history}
+
+    def _write_history(self, snapshot: dict) -> None:
+        if not self._primary or self._read_only:
+            return
+        _atomic_write_text(self._dir / HISTORY_FILE, json.dumps(snapshot))
+
+    # -- internals: every="auto" ---------------------------------------------------------
+
+    def _observe_step_time(self, now: float, step: int) -> None:
+        if self._last_call is not None and step > self._last_call[1]:
+            dt = (time.perf_counter() - self._last_call[0]) / (step - self._last_call[1])
+            self._step_time_s = dt if self._step_time_s is None else 0.8 * self._step_time_s + 0.2 * dt
+        self._last_call = (time.perf_counter(), step)
+
+    def _update_cost(self, blocked: float, write_s: float) -> None:
+        # A background write overlaps training; on shared cores it still slows it. Count
+        # the blocking time in full and the write time in full: an upper bound, so the
+        # budget holds on any machine.
+        cost = blocked + write_s
+        self._save_cost_s = cost if self._save_cost_s is None else 0.5 * self._save_cost_s + 0.5 * cost
+        if self.policy.every == "auto" and self._step_time_s:
+            every = auto_interval(self._save_cost_s, self._step_time_s,
+                                  overhead_budget=self.policy.overhead_budget,
+                                  mtbf_hours=self.policy.mtbf_hours)
+            if every != self._auto_every:
+                log.info("every='auto': saving every %d steps (save cost %.3fs, step %.4fs)",
+                         every, self._save_cost_s, self._step_time_s)
+            self._auto_every = every
+
+    def _auto_due(self, step: int) -> bool:
+        if self.policy.every != "auto" or self._auto_every is None:
+            return False
+        last = max(self._records) if self._records else 0
+        return step - last >= self._auto_every
+
+    # -- internals: reading --------------------------------------------------------------
+
+    def _resolve(self, which: Which) -> int:
+        available = sorted(self._records)
+        if which == "latest":
+            step = self.latest_step
+        elif which == "best":
+            step = self.best_step
+            if step is None and available:
+                raise CheckpointNotFoundError(
+                    f"no best checkpoint in {self._dir}: " + (
+                        "the policy monitors no metric" if not self.policy.monitor else
+                        f"no kept checkpoint has a finite {self.policy.monitor!r}") +
+                    f". Restore 'latest' or one of the steps {available}.")
+        elif isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+            step = int(which)
+            if step not in self._records:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint for step {step} in {self._dir}; available steps: "
+                    f"{available or 'none'}.")
+        else:
+            raise ValueError(f"which must be 'latest', 'best' or an int step, got {which!r}.")
+        if step is None:
+            raise CheckpointNotFoundError(
+                f"no checkpoints in {self._dir}: nothing has been saved there yet.")
+        return step
+
+    def _read_meta(self, step: int) -> dict:
+        path = self._dir / str(step) / "meta" / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            log.warning("checkpoint %d has no readable meta (%s); treating it as metric-less",
+                        step, e)
+            return {}
+
+    def _read_data_state(self, step: int) -> Any:
+        path = self._dir / str(step) / "data_state" / "metadata"
+        if not path.exists():
+            return None
+        return _decode_data_state(json.loads(path.read_text()))
+
+    def _restore_state(self, step: int, target: Any) -> Any:
+        saved = self._ocp.item_metadata(step)["state"]
+        saved_tree = saved.tree if hasattr(saved, "tree") else saved
+        if target is None:
+            abstract = jax.tree.map(_local_abstract, saved_tree, is_leaf=_is_array_metadata)
+            restored = self._ocp.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+            return jax.tree.map(lambda x: np.asarray(x), restored)
+        _check_structure(saved_tree, target, step)
+        abstract, rewrap = _abstract_target(target)
+        restored = self._ocp.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+        return rewrap(restored)
+
+    def _check_open(self, write: bool = False) -> None:
+        if self._closed:
+            raise RuntimeError("this CheckpointManager is closed; open a new one.")
+        if write and self._read_only:
+            raise RuntimeError(f"{self._dir} was opened read_only; open it without "
+                               "read_only=True to save.")
+
+
+# -- helpers: pure or nearly so ---------------------------------------------------------
+
+
+def _as_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) and not (
+            hasattr(step, "shape") and np.shape(step) == ()):
+        raise TypeError(f"step must be an int, got {step!r}.")
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}.")
+    return step
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name to scalar, got {type(metrics)}.")
+    clean = {}
+    for name, value in metrics.items():
+        try:
+            clean[str(name)] = float(np.asarray(value))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metric {name!r} must be a scalar number, got {value!r}.") from e
+    return clean
+
+
+def _encode_data_state(data_state: Any) -> dict:
+    if isinstance(data_state, (bytes, bytearray)):
+        return {_BYTES_KEY: base64.b64encode(bytes(data_state)).decode("ascii")}
+    try:
+        json.dumps(data_state)
+    except TypeError as e:
+        raise TypeError(f"data_state must be JSON-able or bytes (a grain iterator's "
+                        f"get_state()), got {type(data_state)}: {e}") from e
+    return {"value": data_state}
+
+
+def _decode_data_state(stored: dict) -> Any:
+    if _BYTES_KEY in stored:
+        return base64.b64decode(stored[_BYTES_KEY])
+    return stored.get("value")
+
+
+def _is_prng_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_saveable(tree: Any) -> Any:
+    """Typed PRNG keys become their raw key data (what Orbax can store)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree)
+
+
+def _is_array_metadata(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _local_abstract(meta: Any) -> Any:
+    if not _is_array_metadata(meta):
+        return meta
+    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _leaf_shapes(tree: Any, is_leaf=None) -> dict[str, tuple]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    out = {}
+    for path, leaf in flat:
+        out[_path_str(path)] = tuple(getattr(leaf, "shape", np.shape(leaf)))
+    return out
+
+
+def _check_structure(saved_tree: Any, target: Any, step: int) -> None:
+    saved = _leaf_shapes(saved_tree, is_leaf=_is_array_metadata)
+    wanted = _leaf_shapes(_to_saveable_abstract(target))
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if not (missing or extra or shapes):
+        return
+    lines = [f"restore target does not match checkpoint step {step}:"]
+    if missing:
+        lines.append(f"  in target, not in checkpoint: {missing}")
+    if extra:
+        lines.append(f"  in checkpoint, not in target: {extra}")
+    for k in shapes:
+        lines.append(f"  {k}: checkpoint shape {saved[k]}, target shape {wanted[k]}")
+    lines.append("Build the target from the same model/optimizer config that wrote the "
+                 "checkpoint, or restore with target=None to get the saved arrays as numpy.")
+    raise RestoreStructureError("\n".join(lines))
+
+
+def _to_saveable_abstract(target: Any) -> Any:
+    def one(x):
+        if _is_prng_key(x):
+            return jax.eval_shape(jax.random.key_data, x)
+        return x
+    return jax.tree.map(one, target)
+
+
+def _abstract_target(target: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The Orbax restore target for ``target`` and a function undoing the key conversion."""
+    is_key = jax.tree.map(_is_prng_key, target)
+    impls = jax.tree.map(lambda x: jax.random.key_impl(x) if _is_prng_key(x) else None, target)
+    host = jax.tree.map(lambda x: isinstance(x, (np.ndarray, np.generic)), target)
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x):
+        if _is_prng_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            sharding = getattr(x, "sharding", None) or local
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_key_data_sharding(
+                sharding, data.ndim))
+        sharding = getattr(x, "sharding", None)
+        if isinstance(x, (np.ndarray, np.generic)) or sharding is None:
+            sharding = local
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    abstract = jax.tree.map(one, target)
+
+    def rewrap(restored):
+        def back(x, key, impl, to_host):
+            if key:
+                return jax.random.wrap_key_data(x, impl=impl)
+            return np.asarray(x) if to_host else x
+        return jax.tree.map(back, restored, is_key, impls, host)
+
+    return abstract, rewrap
+
+
+def _key_data_sharding(sharding: Any, ndim: int) -> Any:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:ndim]))
+    return sharding
+
+
+def _check_directory(path: epath.Path, *, read_only: bool) -> None:
+    s = str(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointDirectoryError(
+            f"checkpoint directory {s} is a file. Pass a directory path (it is created if "
+            "missing), or move the file away.")
+    if read_only:
+        if not path.exists():
+            raise CheckpointDirectoryError(f"checkpoint directory {s} does not exist.")
+        return
+    if "://" in s:
+        return  # object stores have no permissions to probe cheaply; Orbax reports them
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".jaxckpt-probe-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointDirectoryError(
+            f"checkpoint directory {s} is not writable ({e.strerror or e}). Choose a "
+            "directory you can write to, or fix its permissions.") from e
+
+
+def _read_history_file(directory: epath.Path) -> dict | None:
+    path = directory / HISTORY_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("cannot read %s (%s); starting the history from the checkpoints", path, e)
+        return None
+    try:
+        data = json.loads(text)
+        _validate_history(data)
+    except (json.JSONDecodeError, ValueError) as e:
+        warnings.warn(f"{path} is unreadable ({e}); the metric history of steps that were "
+                      "not kept is lost; kept checkpoints and their metrics are intact.")
+        return None
+    return data
+
+
+def _validate_history(data: Any) -> None:
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise ValueError(f"not a {_FORMAT} history file")
+    if not isinstance(data.get("history"), list):
+        raise ValueError("'history' must be a list")
+    for e in data["history"]:
+        if not (isinstance(e, dict) and isinstance(e.get("step"), int)
+                and (e.get("metrics") is None or isinstance(e["metrics"], dict))):
+            raise ValueError(f"malformed history entry {e!r}")
+    policy = data.get("policy")
+    if policy is not None:
+        if not isinstance(policy, dict):
+            raise ValueError("'policy' must be an object")
+        known = {f for f in CheckpointPolicy.__dataclass_fields__}
+        unknown = set(policy) - known
+        if unknown:
+            raise ValueError(f"unknown policy fields {sorted(unknown)}")
+
+
+def _entries_from_json(stored: dict | None) -> list[_Entry]:
+    if not stored:
+        return []
+    return [_Entry(int(e["step"]), e.get("metrics"), e.get("epoch"), float(e.get("time") or 0),
+                   bool(e.get("saved"))) for e in stored["history"]]
+
+
+def _atomic_write_text(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)

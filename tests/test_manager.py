@@ -1,0 +1,300 @@
+"""CheckpointManager against real Orbax on a temporary directory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jaxckpt
+from jaxckpt import CheckpointManager, CheckpointPolicy
+from _util import TUTORIAL_LOSSES, init_state, leaves_equal, train_step
+
+TUTORIAL = CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1, keep_latest=1)
+
+
+def run_tutorial(directory, async_save=True):
+    """50 epochs of real Adam updates; returns the state after each epoch."""
+    state, states = init_state(), {}
+    with CheckpointManager(directory, TUTORIAL, async_save=async_save) as mngr:
+        for epoch, val_loss in enumerate(TUTORIAL_LOSSES, start=1):
+            state = train_step(state)
+            states[epoch] = jax.device_get(state)
+            mngr.save(epoch, state, metrics={"val_loss": val_loss, "loss": val_loss + 0.1},
+                      epoch=epoch, data_state={"epoch": epoch})
+    return states
+
+
+@pytest.fixture(scope="module")
+def tutorial_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tutorial")
+    return d, run_tutorial(d)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_tutorial_keeps_best_45_and_latest_50(tmp_path, async_save):
+    states = run_tutorial(tmp_path, async_save=async_save)
+    mngr = CheckpointManager(tmp_path)
+    assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 50, [45, 50])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["45", "50"]
+    best = mngr.restore("best", target=init_state())
+    assert leaves_equal(best.params, states[45].params)
+    assert leaves_equal(best.opt_state, states[45].opt_state)
+    assert int(best.step) == 45
+    latest = mngr.restore("latest")
+    assert leaves_equal(latest["params"], states[50].params)
+    assert mngr.restore_data_state("best") == {"epoch": 45}
+    assert mngr.kept_reasons() == {45: ["best #1"], 50: ["latest"]}
+    mngr.close()
+
+
+def test_history_has_every_step_kept_or_not(tutorial_dir):
+    d, _ = tutorial_dir
+    with CheckpointManager(d, read_only=True) as mngr:
+        history = mngr.history()
+    assert [h["step"] for h in history] == list(range(1, 51))
+    assert history[44] == {"step": 45, "metrics": {"val_loss": 0.61, "loss": 0.61 + 0.1}}
+
+
+def test_reopen_in_new_process_gives_same_view(tutorial_dir):
+    d, _ = tutorial_dir
+    code = textwrap.dedent(f"""
+        import json, jaxckpt
+        m = jaxckpt.CheckpointManager({str(d)!r}, read_only=True)
+        print(json.dumps({{"best": m.best_step, "latest": m.latest_step, "steps": m.steps(),
+                          "history": m.history()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    with CheckpointManager(d, read_only=True) as mngr:
+        assert seen == {"best": mngr.best_step, "latest": mngr.latest_step,
+                        "steps": mngr.steps(), "history": mngr.history()}
+    assert (seen["best"], seen["latest"]) == (45, 50)
+
+
+def test_worse_metric_after_restart_never_replaces_best(tmp_path):
+    run_tutorial(tmp_path)
+    state = init_state()
+    with CheckpointManager(tmp_path, TUTORIAL) as mngr:
+        mngr.save(51, state, metrics={"val_loss": 0.7})
+        assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 51, [45, 51])
+        mngr.save(52, state, metrics={"val_loss": 0.5})
+    with CheckpointManager(tmp_path, TUTORIAL) as mngr:
+        assert (mngr.best_step, mngr.steps()) == (52, [52])
+
+
+def test_keep_latest_zero_writes_only_improvements(tmp_path):
+    policy = CheckpointPolicy(monitor="val_acc", keep_best=2, keep_latest=0)
+    state = init_state()
+    with CheckpointManager(tmp_path, policy) as mngr:
+        written = [mngr.save(s, state, metrics={"val_acc": a})
+                   for s, a in enumerate([0.5, 0.4, 0.6, 0.3, 0.7, 0.55], start=1)]
+        assert written == [True, True, True, False, True, False]
+        assert mngr.steps() == [3, 5] and mngr.best_step == 5
+        assert len(mngr.history()) == 6
+
+
+def test_every_n_steps_skips_when_not_due(tmp_path):
+    with CheckpointManager(tmp_path, CheckpointPolicy(every_n_steps=5, keep_latest=2)) as m:
+        saved = [s for s in range(1, 21) if m.save(s, {"x": jnp.full((3,), s)})]
+        assert saved == [5, 10, 15, 20] and m.steps() == [15, 20]
+        assert np.array_equal(m.restore(15)["x"], np.full((3,), 15))
+
+
+def test_every_seconds_with_injected_clock(tmp_path):
+    now = [0.0]
+    policy = CheckpointPolicy(every_seconds=10, keep_latest=5)
+    with CheckpointManager(tmp_path, policy, clock=lambda: now[0]) as m:
+        for step in range(1, 8):
+            now[0] = 4.0 * step
+            m.save(step, {"x": jnp.zeros(2)})
+        assert m.steps() == [3, 6]  # t=12 and t=24: the first calls >= 10 s after the last save
+
+
+def test_target_none_returns_numpy_nested_dicts(tutorial_dir):
+    d, states = tutorial_dir
+    with CheckpointManager(d, read_only=True) as mngr:
+        tree = mngr.restore(50)
+    assert set(tree) == {"step", "params", "opt_state", "rng", "extras"}
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree))
+    assert np.array_equal(tree["rng"], np.asarray(states[50].rng))
+    assert np.array_equal(tree["opt_state"][0]["mu"]["out"]["kernel"],
+                          np.asarray(states[50].opt_state[0].mu["out"]["kernel"]))
+
+
+def test_restore_with_sharded_abstract_target(tmp_path):
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("fsdp", None)))
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"w": x, "b": jnp.ones(4)})
+    target = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32,
+                                        sharding=NamedSharding(mesh, P(None, "data"))),
+              "b": jax.ShapeDtypeStruct((4,), jnp.float32,
+                                        sharding=NamedSharding(mesh, P()))}
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        out = m.restore(1, target=target)
+    assert out["w"].sharding == target["w"].sharding
+    assert np.array_equal(np.asarray(out["w"]), np.arange(32.0).reshape(8, 4))
+    assert out["b"].sharding.is_fully_replicated
+
+
+def test_typed_prng_key_round_trip(tmp_path):
+    key = jax.random.key(7)
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"key": key, "n": jnp.int32(3)})
+        out = m.restore(1, target={"key": jax.random.key(0), "n": jnp.int32(0)})
+    assert jax.dtypes.issubdtype(out["key"].dtype, jax.dtypes.prng_key)
+    assert np.array_equal(jax.random.key_data(out["key"]), jax.random.key_data(key))
+
+
+def test_data_state_bytes_and_dict(tmp_path):
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=3)) as m:
+        m.save(1, {"x": jnp.zeros(1)}, data_state=b"\x00grain\xff")
+        m.save(2, {"x": jnp.zeros(1)}, data_state={"next_index": 17, "epoch": 2})
+        m.save(3, {"x": jnp.zeros(1)})
+        assert m.restore_data_state(1) == b"\x00grain\xff"
+        assert m.restore_checkpoint(2).data_state == {"next_index": 17, "epoch": 2}
+        assert m.restore_data_state(3) is None
+        with pytest.raises(TypeError, match="JSON-able or bytes"):
+            m.save(4, {"x": jnp.zeros(1)}, data_state={"bad": object()})
+
+
+def test_donated_buffers_after_async_save(tmp_path):
+    """The caller may donate its state right after save(): the checkpoint keeps the values."""
+    state = init_state()
+    step = jax.jit(train_step.__wrapped__, donate_argnums=0)
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=10)) as m:
+        for i in range(1, 6):
+            state = step(state)
+            expected = jax.device_get(state)
+            m.save(i, state)
+            state = step(state)  # donates the buffers save() was given
+            m.save(i * 100, state) if i == 5 else None
+            state = state.replace(params=jax.tree.map(lambda p: p * 0 + 1e9, state.params))
+            saved = expected
+        m.wait()
+        assert leaves_equal(m.restore(5, target=init_state()).params, saved.params)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_missing_metric_names_wanted_and_given_and_deletes_nothing(tutorial_dir, tmp_path):
+    run_tutorial(tmp_path)
+    with CheckpointManager(tmp_path, TUTORIAL) as m:
+        with pytest.raises(jaxckpt.MetricError, match=r"'val_loss'.*\['acc', 'loss'\]"):
+            m.save(51, init_state(), metrics={"loss": 0.1, "acc": 0.9})
+        assert m.steps() == [45, 50]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["45", "50"]
+
+
+def test_nan_metric_is_latest_never_best(tmp_path):
+    run_tutorial(tmp_path)
+    with CheckpointManager(tmp_path, TUTORIAL) as m:
+        with pytest.warns(UserWarning, match="not finite"):
+            assert m.save(51, init_state(), metrics={"val_loss": float("nan")})
+        assert (m.best_step, m.latest_step, m.steps()) == (45, 51, [45, 51])
+        with pytest.warns(UserWarning, match="not finite"):
+            m.save(52, init_state(), metrics={"val_loss": float("-inf")})
+        assert (m.best_step, m.steps()) == (45, [45, 52])
+
+
+def test_step_not_above_latest(tmp_path):
+    with CheckpointManager(tmp_path) as m:
+        m.save(5, {"x": jnp.zeros(1)})
+        for bad in (5, 3):
+            with pytest.raises(ValueError, match="not above the latest saved step 5"):
+                m.save(bad, {"x": jnp.zeros(1)})
+        assert m.steps() == [5]
+
+
+def test_restore_missing_step_lists_available(tutorial_dir):
+    d, _ = tutorial_dir
+    with CheckpointManager(d, read_only=True) as m:
+        with pytest.raises(jaxckpt.CheckpointNotFoundError, match=r"step 7.*\[45, 50\]"):
+            m.restore(7)
+
+
+def test_restore_from_empty_directory(tmp_path):
+    with CheckpointManager(tmp_path) as m:
+        with pytest.raises(jaxckpt.CheckpointNotFoundError, match="nothing has been saved"):
+            m.restore()
+
+
+def test_best_without_monitor(tmp_path):
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"x": jnp.zeros(1)})
+        with pytest.raises(jaxckpt.CheckpointNotFoundError, match="monitors no metric"):
+            m.restore("best")
+
+
+def test_mismatched_target_lists_differing_keys(tutorial_dir):
+    d, _ = tutorial_dir
+    wrong = init_state(width=16)
+    wrong = wrong.replace(params={**wrong.params, "extra": jnp.zeros(3)})
+    with CheckpointManager(d, read_only=True) as m:
+        with pytest.raises(jaxckpt.RestoreStructureError) as err:
+            m.restore("best", target=wrong)
+    msg = str(err.value)
+    assert "params/extra" in msg and "in target, not in checkpoint" in msg
+    assert "params/dense/kernel: checkpoint shape (4, 8), target shape (4, 16)" in msg
+    assert "target=None" in msg
+
+
+def test_directory_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(jaxckpt.CheckpointDirectoryError, match="is a file"):
+        CheckpointManager(f)
+    assert f.read_text() == "x"
+
+
+def test_directory_not_writable(tmp_path):
+    # /proc refuses new entries even to root; chmod alone would not stop root.
+    with pytest.raises(jaxckpt.CheckpointDirectoryError, match="not writable"):
+        CheckpointManager("/proc/jaxckpt-test/ckpt")
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o500)
+        with pytest.raises(jaxckpt.CheckpointDirectoryError, match="not writable"):
+            CheckpointManager(d / "ckpt")
+
+
+def test_background_write_failure_is_raised_and_loses_nothing(tmp_path):
+    """A real failed write (file-size limit, EFBIG) reaches the next save()/wait()."""
+    code = textwrap.dedent(f"""
+        import resource, signal, jax, jax.numpy as jnp, jaxckpt
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        d = {str(tmp_path)!r}
+        m = jaxckpt.CheckpointManager(d, jaxckpt.CheckpointPolicy(keep_latest=1))
+        m.save(1, {{"x": jnp.arange(10.0)}})
+        m.wait()
+        big = jax.random.normal(jax.random.key(0), (1_000_000,))  # random: incompressible
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        m.save(2, {{"x": big}})
+        try:
+            m.wait()
+            print("NO ERROR")
+        except jaxckpt.CheckpointWriteError as e:
+            print("ERROR", e)
+        print("STEPS", m.steps())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "ERROR background write" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "STEPS [1]" in out.stdout
+    assert "File too large" in out.stdout or "EFBIG" in out.stdout, out.stdout
+    with CheckpointManager(tmp_path) as m:
+        assert m.steps() == [1]
+        assert np.array_equal(m.restore(1)["x"], np.arange(10.0))
+        m.save(3, {"x": jax.random.normal(jax.random.key(0), (1_000_000,))})  # limit gone
+        m.wait()
+        assert m.steps() == [3]
