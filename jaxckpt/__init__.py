@@ -22,3 +22,7 @@ from jaxckpt.state import nnx_restore_into as nnx_restore_into
 from jaxckpt.state import nnx_split as nnx_split
 
 __version__ = "0.1.0"
+from jaxckpt.history import History as History
+from jaxckpt.train import EarlyStopping as EarlyStopping
+from jaxckpt.train import NonFiniteLossError as NonFiniteLossError
+from jaxckpt.train import Trainer as Trainer
