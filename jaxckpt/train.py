@@ -157,7 +157,8 @@ class Trainer:
     def _apply(self, params, state: TrainState, x, rng, train: bool):
         """Logits and the new non-trainable state (BatchNorm statistics, RNG counters)."""
         if self._nnx_graphdef is not None:
-            model = nnx.merge(self._nnx_graphdef, params, state.extras)
+            # copy=True: fresh Variables in this trace, so Dropout may advance its RNG count.
+            model = nnx.merge(self._nnx_graphdef, params, state.extras, copy=True)
             model.train() if train else model.eval()
             logits = model(x)
             _, _, extras = nnx.split(model, nnx.Param, ...)
@@ -260,7 +261,7 @@ class Trainer:
                     state, template, train_step, iterator, make_iter, loop, manager, placement,
                     epoch, end, steps_per_epoch, epochs)
                 if self._stop_signal:
-                    self._preempt(manager, state, loop, iterator, placement)
+                    self._preempt(manager, state, loop, iterator, placement, sums)
                 if loop.position < (epoch + 1) * steps_per_epoch:
                     break  # max_steps ended the run inside an epoch
                 row = {"epoch": epoch + 1, **_finish(sums)}
@@ -324,7 +325,7 @@ class Trainer:
     def _train_epoch(self, state, template, train_step, iterator, make_iter, loop, manager,
                      placement, epoch, end, steps_per_epoch, epochs):
         """Train from ``loop.position`` to ``end``; return state, metric sums, iterator."""
-        sums: dict[str, Any] = {}
+        sums, loop.sums = dict(loop.sums), {}  # a resumed epoch continues its running sums
         every = manager.every_n_steps if manager is not None else None
         with _progress(self.quiet or jax.process_index() != 0, epoch, epochs,
                        end - epoch * steps_per_epoch, loop.position - epoch * steps_per_epoch
@@ -340,7 +341,7 @@ class Trainer:
                 if self.on_nonfinite != "ignore" and not math.isfinite(float(metrics["loss"])):
                     state, iterator = self._nonfinite(template, manager, placement, loop,
                                                       position, make_iter)
-                    sums = {}  # the epoch restarts from the checkpoint's position
+                    sums, loop.sums = dict(loop.sums), {}  # as they were at that checkpoint
                     continue
                 state = new_state
                 _accumulate(sums, metrics)
@@ -351,7 +352,7 @@ class Trainer:
                 if every and manager is not None and loop.position % every == 0 and \
                         loop.position < end:
                     manager.save(loop.position, placement.checkpointable(state),
-                                 data_state=loop.to_json(iterator))
+                                 data_state=loop.to_json(iterator, sums))
         return state, sums, iterator
 
     def _sync_stop(self) -> bool:
@@ -406,10 +407,10 @@ class Trainer:
                     f"{ckpt.step}, skipping batch {position}")
         return placement.place(_merge_static(template, ckpt.state)), iterator
 
-    def _preempt(self, manager, state, loop, iterator, placement):
+    def _preempt(self, manager, state, loop, iterator, placement, sums):
         if manager is not None:
             manager.save(loop.position, placement.checkpointable(state),
-                         data_state=loop.to_json(iterator), force=True)
+                         data_state=loop.to_json(iterator, sums), force=True)
             manager.wait()
             self._print(f"SIGTERM: saved checkpoint at step {loop.position} in "
                         f"{manager.directory}; exiting. Run the same command to resume.")
@@ -446,10 +447,11 @@ class Trainer:
         if previous is not None and _main_thread():
             signal.signal(signal.SIGTERM, previous)
 
-    def _print(self, message: str) -> None:
+    def _print(self, message: str, *, routine: bool = False) -> None:
+        """Events (resume, preemption, rollback) print even when quiet; epoch lines don't."""
         if jax.process_index() == 0:
             log.info(message)
-            if not self.quiet:
+            if not (self.quiet and routine):
                 print(message, flush=True)
 
     def _epoch_line(self, row, epochs, saved, manager) -> None:
@@ -458,7 +460,7 @@ class Trainer:
         if saved and manager is not None:
             note = "  [saved" + (", best" if manager.best_step == manager.latest_step and
                                  manager.policy.monitor else "") + "]"
-        self._print(f"epoch {row['epoch']}/{epochs}  {metrics}{note}")
+        self._print(f"epoch {row['epoch']}/{epochs}  {metrics}{note}", routine=True)
 
 
 # -- placement: jit (mesh) or pmap -------------------------------------------------------
@@ -526,10 +528,14 @@ class _LoopState:
     es_best_epoch: int | None = None
     es_wait: int = 0
     stopped: bool = False
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # of a partial epoch
 
-    def to_json(self, iterator) -> dict[str, Any]:
+    def to_json(self, iterator, sums: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """JSON of the loop; ``sums`` are the running metric sums of an unfinished epoch
+        (floats hold float32 values exactly, so a resumed epoch averages identically)."""
         return {"format": _LOOP_FORMAT, "iterator": iterator.get_state(),
                 "position": self.position, "skipped": sorted(self.skipped),
+                "sums": {k: float(v) for k, v in jax.device_get(dict(sums or {})).items()},
                 "rollbacks": self.rollbacks, "history": self.history.to_json(),
                 "early_stopping": {"best": self.es_best, "best_epoch": self.es_best_epoch,
                                    "wait": self.es_wait, "stopped": self.stopped}}
@@ -542,6 +548,7 @@ class _LoopState:
         self.position = int(data["position"])
         self.skipped = set(int(s) for s in data.get("skipped", []))
         self.rollbacks = int(data.get("rollbacks", 0))
+        self.sums = {k: np.float32(v) for k, v in data.get("sums", {}).items()}
         self.history = History.from_json(data["history"])
         es = data.get("early_stopping", {})
         self.es_best, self.es_best_epoch = es.get("best"), es.get("best_epoch")

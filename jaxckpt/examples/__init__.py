@@ -1,0 +1,1 @@
+"""Runnable tutorials; ``examples/`` at the repository root links to these files."""
