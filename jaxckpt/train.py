@@ -146,6 +146,16 @@ class Trainer:
         raise TypeError(f"model must be a flax.linen.Module or flax.nnx.Module, got "
                         f"{type(self.model).__name__}.")
 
+    def nnx_model(self, state: TrainState | None = None) -> nnx.Module:
+        """An NNX model holding ``state`` (default: the trained state), in eval mode."""
+        if self._nnx_graphdef is None:
+            raise TypeError("nnx_model() is for NNX models; this Trainer trains a Linen one "
+                            "(use state.apply_fn / model.apply with state.params).")
+        model = nnx.merge(self._nnx_graphdef, (state or self.state).params,
+                          (state or self.state).extras, copy=True)
+        model.eval()
+        return model
+
     def _linen_kwargs(self, train: bool) -> dict[str, Any]:
         params = inspect.signature(self.model.__call__).parameters
         if "train" in params:
@@ -371,7 +381,7 @@ class Trainer:
         restored = loop.from_json(ckpt.data_state, iterator)
         what = ["params", "optimizer state", "step", "RNG", "extras"]
         if restored:
-            what += ["data position", f"history ({len(loop.history.rows)} epochs)",
+            what += ["data position", f"history ({len(loop.history.rows)} epoch(s))",
                      "early-stopping state"]
         loop.history.events.append({"event": "resume", "step": ckpt.step,
                                     "position": loop.position})

@@ -1,0 +1,1 @@
+../jaxckpt/examples/crash_and_resume.py

@@ -1,0 +1,1 @@
+../jaxckpt/examples/fit_digits_nnx.py
