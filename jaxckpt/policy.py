@@ -175,9 +175,9 @@ class CheckpointPolicy:
             if now is None:
                 raise ValueError("every_seconds needs the current time (now=...).")
             rules.append(last_save_time is None or now - last_save_time >= self.every_seconds)
-        if self.every == "auto" and not rules:
-            return True  # until the manager has measured a cost and set every_n_steps
-        return any(rules) if rules else True
+        if not rules:  # no schedule: every call is due, unless every="auto" decides
+            return self.every != "auto"
+        return any(rules)
 
     def should_save(self, value: float | None, records: Sequence[Record], *, due: bool) -> str | None:
         """Why a step with ``value`` is written (``"due"``/``"best"``), or None to skip it."""

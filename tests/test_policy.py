@@ -162,3 +162,10 @@ def test_auto_interval_holds_budget(cost, step, budget, expected):
 def test_auto_interval_young_daly():
     # cost 10 s, MTBF 2 h: sqrt(2 * 10 * 7200) = 379.47 s -> 380 steps of 1 s
     assert auto_interval(10.0, 1.0, mtbf_hours=2.0) == math.ceil(math.sqrt(2 * 10 * 7200))
+
+
+def test_auto_every_leaves_the_schedule_to_the_manager():
+    auto = CheckpointPolicy(every="auto")
+    assert not auto.is_due(5)
+    both = CheckpointPolicy(every="auto", every_n_epochs=2)
+    assert both.is_due(5, epoch=2) and not both.is_due(5, epoch=1)
