@@ -12,14 +12,28 @@ On disk, beside Orbax's step directories::
     DIR/<step>/state/       the state pytree (Orbax StandardSave)
     DIR/<step>/meta/        JSON: step, epoch, metrics, time (the step's own record)
     DIR/<step>/data_state/  JSON: the data iterator's state, when given
+    DIR/<step>/jaxckpt_manifest.json  every file's size and CRC-32 (:mod:`jaxckpt.integrity`)
+    DIR/jaxckpt.lock        the writing run's owner record and heartbeat (:mod:`jaxckpt.lock`)
+    DIR/jaxckpt-corrupt/    checkpoints that failed verification, moved out of the way
 
 Everything is JSON or tensorstore arrays: nothing loaded from a checkpoint can run code.
+
+Fault tolerance, in short: a checkpoint is visible only once Orbax has committed it (a
+writer killed mid-write leaves a temporary directory that readers ignore and the next
+writer deletes). The manifest is computed in the background after the commit. A
+checkpoint that fails verification (a file truncated, changed or missing; a manifest or
+JSON file that does not parse or fails its schema) is *set aside*: never restored, never
+best, never deleted; the next save of a writing manager moves it to ``jaxckpt-corrupt/``
+so that the run can redo its steps. ``restore("latest")``/``("best")`` fall back to the
+newest (best) checkpoint that verifies, with a warning. A checkpoint without a manifest
+(the writer died between the commit and the manifest) is unverified but usable.
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import itertools
 import json
 import logging
 import math
@@ -35,8 +49,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt.errors import (CheckpointDirectoryError, CheckpointNotFoundError,
-                            CheckpointWriteError, RestoreStructureError)
+from jaxckpt import integrity
+from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError,
+                            CheckpointNotFoundError, CheckpointWriteError,
+                            DirectoryLockedError, RestoreStructureError)
+from jaxckpt.lock import DirectoryLock, describe, read_owner
 from jaxckpt.policy import CheckpointPolicy, Record, auto_interval
 
 __all__ = ["CheckpointManager", "Checkpoint", "HISTORY_FILE"]
@@ -44,6 +61,8 @@ __all__ = ["CheckpointManager", "Checkpoint", "HISTORY_FILE"]
 log = logging.getLogger("jaxckpt")
 
 HISTORY_FILE = "jaxckpt.json"
+CORRUPT_DIR = "jaxckpt-corrupt"
+_BARRIERS = itertools.count()
 _FORMAT = "jaxckpt/1"
 _BYTES_KEY = "__bytes_b64__"
 
@@ -86,19 +105,29 @@ class CheckpointManager:
         when reopening a directory, the policy it was written with.
       async_save: write in the background; ``save`` returns once the state is copied
         off the device. A failed background write is raised by the next ``save``/``wait``.
-      read_only: inspect only: never writes, deletes or takes the directory over.
+      read_only: inspect only: never writes, deletes, locks or cleans the directory.
       clock: the time source for ``every_seconds`` (injectable for tests).
+
+    Raises:
+      DirectoryLockedError: another live run writes to ``directory`` (names it). One
+        multi-process JAX job is one writer: only process 0 takes the lock.
+      CheckpointDirectoryError: ``directory`` is a file or not writable.
     """
 
     def __init__(self, directory: str | os.PathLike, policy: CheckpointPolicy | None = None,
                  async_save: bool = True, *, read_only: bool = False,
                  clock: Callable[[], float] = time.time):
+        if "://" not in os.fspath(directory):  # Orbax requires absolute local paths
+            directory = os.path.abspath(os.fspath(directory))
         self._dir = epath.Path(directory)
         self._read_only = read_only
         self._clock = clock
         self._async = async_save
         self._primary = jax.process_index() == 0
         _check_directory(self._dir, read_only=read_only)
+        # Before Orbax: its start-up deletes temporary directories, which are another
+        # live writer's in-flight checkpoints until the lock says that writer is gone.
+        self._dirlock = None if read_only else self._lock_directory()
         stored = _read_history_file(self._dir)
         if policy is None:
             policy = (CheckpointPolicy(**stored["policy"]) if stored and stored.get("policy")
@@ -106,22 +135,24 @@ class CheckpointManager:
         if not isinstance(policy, CheckpointPolicy):
             raise TypeError(f"policy must be a jaxckpt.CheckpointPolicy, got {type(policy)}.")
         self.policy = policy
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None,  # jaxckpt decides what is deleted, and when
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-        )
-        handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler(),
-                    "data_state": ocp.JsonCheckpointHandler()}
-        self._ocp = ocp.CheckpointManager(self._dir, options=options, item_handlers=handlers)
+        try:
+            self._ocp = self._new_orbax()
+        except BaseException:
+            if self._dirlock is not None:
+                self._dirlock.release()
+            raise
         self._entries: list[_Entry] = _entries_from_json(stored)
         self._records: dict[int, Record] = {}
+        # Steps that failed verification: out of every decision until moved aside.
+        self._corrupt: dict[int, list[str]] = {}
         for step in self._ocp.all_steps():
-            meta = self._read_meta(step)
-            self._records[step] = Record(step, self.policy.stored_value(meta.get("metrics")))
+            problems, _ = self._check(step, checksums=False)  # sizes: a stat per file
+            if problems:
+                self._set_aside(step, problems, warn=True)
+            else:
+                self._records[step] = self._record_from_meta(step)
+        if self._primary and not read_only:
+            _remove_stale_temp_files(self._dir)
         self._start_time = clock()
         self._last_save_time = stored.get("last_save_time") if stored else None
         self._auto_every: int | None = stored.get("auto_every") if stored else None
@@ -199,8 +230,10 @@ class CheckpointManager:
           MetricError: ``metrics`` lacks the monitored metric (lists what it got).
           ValueError: ``step`` is not above the latest saved step.
           CheckpointWriteError: the previous background write failed.
+          DirectoryLockedError: another run took this directory's lock over.
         """
         self._check_open(write=True)
+        self._check_lock()
         self._raise_finished()
         step = _as_step(step)
         if self.latest_step is not None and step <= self.latest_step:
@@ -232,6 +265,7 @@ class CheckpointManager:
                 self._submit(self._write_history, self._snapshot())
             return False
         self._finish_pending()  # Orbax writes one checkpoint at a time
+        self._move_corrupt_aside()
         self._write(step, state, clean, epoch, data_state, now, value, reason)
         return True
 
@@ -239,6 +273,7 @@ class CheckpointManager:
         """Block until every background write has committed (and raise if one failed)."""
         self._check_open()
         self._finish_pending()
+        self._check_lock()
 
     def close(self) -> None:
         """Finish writes and release resources; the manager cannot be used afterwards."""
@@ -249,7 +284,11 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._worker.shutdown(wait=True)
-            self._ocp.close()
+            try:
+                self._ocp.close()
+            finally:
+                if self._dirlock is not None:
+                    self._dirlock.release()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -267,6 +306,8 @@ class CheckpointManager:
         if not getattr(self, "_closed", True):
             try:
                 self._worker.shutdown(wait=False)
+                if getattr(self, "_dirlock", None) is not None:
+                    self._dirlock.release()
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
 
@@ -284,7 +325,14 @@ class CheckpointManager:
 
         Raises:
           CheckpointNotFoundError: no such checkpoint (lists the available steps).
+          CheckpointCorruptError: checkpoint ``which`` (an int step) fails verification,
+            or no checkpoint does (names each step and bad file). ``"latest"`` and
+            ``"best"`` skip a checkpoint that fails, with a warning naming it, and restore
+            the newest (for ``"best"``: the next best, then the newest) that verifies.
           RestoreStructureError: ``target`` differs from the checkpoint (lists the keys).
+
+        Every file is checked against the checkpoint's manifest (size and CRC-32) before
+        Orbax reads it. A checkpoint without a manifest is restored with a warning.
         """
         return self.restore_checkpoint(which, target).state
 
@@ -292,16 +340,72 @@ class CheckpointManager:
         """Like :meth:`restore`, with the step's metrics, epoch and data state."""
         self._check_open()
         self._finish_pending()
-        step = self._resolve(which)
+        step = self._resolve_verified(which)
         state = self._restore_state(step, target)
         meta = self._read_meta(step)
         return Checkpoint(step, state, meta.get("metrics"), meta.get("epoch"),
                           self._read_data_state(step))
 
     def restore_data_state(self, which: Which = "latest") -> Any:
-        """The data iterator state saved with checkpoint ``which`` (None if none was)."""
+        """The data iterator state saved with checkpoint ``which`` (None if none was).
+
+        ``which`` resolves as in :meth:`restore` (verified, with the same fallback), so
+        the data state always belongs to the checkpoint ``restore(which)`` returns.
+        """
         self._check_open()
-        return self._read_data_state(self._resolve(which))
+        self._finish_pending()
+        return self._read_data_state(self._resolve_verified(which))
+
+    def verify(self, step: int | None = None, *, checksums: bool = True,
+               strict: bool = False) -> dict[int, list[str]]:
+        """Check checkpoints against the manifests written when they were committed.
+
+        Args:
+          step: one step, or None for every checkpoint in the directory (those already
+            found corrupt included).
+          checksums: read every file and compare its CRC-32 (else sizes only: a ``stat``
+            per file, which finds truncated and missing files, not changed bytes).
+          strict: count a checkpoint without a manifest as a problem. Otherwise it is
+            unverified but usable, and reported with a warning.
+
+        Returns:
+          ``{step: problems}`` for each step checked, oldest first; an empty list means
+          the checkpoint verifies. Each problem names the file, relative to the step's
+          directory (``"state/d/1f0c...: size 12 bytes, manifest says 2536"``). A step
+          that fails is set aside, as when :meth:`restore` finds it.
+
+        Raises:
+          CheckpointNotFoundError: ``step`` is not a checkpoint of this directory.
+        """
+        self._check_open()
+        self._finish_pending()
+        everything = sorted(set(self._records) | set(self._corrupt))
+        if step is None:
+            steps = everything
+        else:
+            steps = [_as_step(step)]
+            if steps[0] not in everything:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint for step {steps[0]} in {self._dir}; available steps: "
+                    f"{everything or 'none'}.")
+        out, unverified = {}, []
+        for s in steps:
+            problems, verified = self._check(s, checksums=checksums)
+            if problems:
+                self._set_aside(s, problems)
+            elif s in self._corrupt:  # a transient read error, or repaired by hand
+                del self._corrupt[s]
+                self._records[s] = self._record_from_meta(s)
+            if not problems and not verified:
+                unverified.append(s)
+                if strict:
+                    problems = [integrity.UNVERIFIED]
+            out[s] = problems
+        if unverified and not strict:
+            warnings.warn(f"checkpoint(s) {unverified} in {self._dir} have no manifest: "
+                          "unverified but usable (the writer stopped between Orbax's commit "
+                          "and the manifest, or they predate manifests).", stacklevel=2)
+        return out
 
     # -- internals: writing --------------------------------------------------------------
 
@@ -316,6 +420,10 @@ class CheckpointManager:
         try:
             self._ocp.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
+            with self._lock:
+                self._entries = [e_._replace(saved=False) if e_.step == step else e_
+                                 for e_ in self._entries]
+            self._reset_orbax(e)
             raise CheckpointWriteError(
                 f"saving step {step} to {self._dir} failed: {e!r}. Earlier checkpoints are "
                 "intact; fix the cause (disk space, permissions) and save again.") from e
@@ -333,9 +441,16 @@ class CheckpointManager:
             self._finish_pending()
 
     def _commit(self, step: int, stale: list[int], start: float, blocked: float) -> None:
-        """Background: wait for Orbax's commit of ``step``, then delete what it replaced."""
+        """Background: wait for Orbax's commit of ``step``, write its manifest, then
+        delete what it replaced."""
         self._ocp.wait_until_finished()
         self._ocp.check_for_errors()
+        if self._primary:
+            # Every process's files are in place once Orbax has committed; reading them
+            # back costs a disk read and a CRC at GB/s, here rather than on the training
+            # thread. Counted in the save cost: it competes with training for the cores.
+            step_dir = self._dir / str(step)
+            integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step))
         write_s = time.perf_counter() - start
         self._update_cost(blocked, write_s)
         for s in stale:
@@ -359,20 +474,53 @@ class CheckpointManager:
         try:
             future.result()
         except Exception as e:
-            self._ocp.reload()
+            self._reset_orbax(e)
             on_disk = set(self._ocp.all_steps())
             lost = sorted(set(self._records) - on_disk)
             for s in lost:
                 del self._records[s]
-            for s in on_disk - set(self._records):  # kept after all: its successor failed
-                meta = self._read_meta(s)
-                self._records[s] = Record(s, self.policy.stored_value(meta.get("metrics")))
+            # Kept after all (its successor failed), unless it was set aside as corrupt.
+            for s in on_disk - set(self._records) - set(self._corrupt):
+                self._records[s] = self._record_from_meta(s)
             self._entries = [e_._replace(saved=False) if e_.step in lost else e_
                              for e_ in self._entries]
+            what = (f"background write of step(s) {lost} to {self._dir}" if lost else
+                    f"background work after a committed checkpoint in {self._dir} (its "
+                    "manifest, deletions or the history file)")
             raise CheckpointWriteError(
-                f"background write of step(s) {lost} to {self._dir} failed: {e!r}. Every "
-                f"earlier checkpoint is intact ({sorted(self._records)}); fix the cause "
-                "(disk space, permissions) and save again.") from e
+                f"{what} failed: {e!r}. Every earlier checkpoint is intact "
+                f"({sorted(self._records)}); fix the cause (disk space, permissions) and "
+                "save again.") from e
+
+    def _new_orbax(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None,  # jaxckpt decides what is deleted, and when
+            enable_async_checkpointing=self._async,
+            cleanup_tmp_directories=not self._read_only,
+            create=not self._read_only,
+            read_only=self._read_only,
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                    "data_state": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(self._dir, options=options, item_handlers=handlers)
+
+    def _reset_orbax(self, reported: BaseException) -> None:
+        """After a failed save, continue with a fresh Orbax manager.
+
+        Orbax keeps a failed save's error in several places and raises it again at later
+        saves: once per calling thread, and once per queued metadata write. A new manager
+        starts clean, and its start-up deletes the failed save's temporary directory.
+        ``reported`` is the error being raised to the user; any other is logged.
+        """
+        for _ in range(5):  # each call drains one stored error
+            try:
+                self._ocp.close()
+                break
+            except Exception as again:  # noqa: BLE001 - the error being reported, or logged
+                if again is not reported and again is not reported.__cause__:
+                    log.error("another background error in %s: %r", self._dir, again)
+        self._ocp = self._new_orbax()
 
     def _record_entry(self, entry: _Entry) -> bool:
         """Add ``entry`` to the history; return whether the history changed."""
@@ -427,8 +575,11 @@ class CheckpointManager:
             self._auto_every = every
 
     def _auto_due(self, step: int) -> bool:
-        if self.policy.every != "auto" or self._auto_every is None:
+        """every="auto": due at the first call (to measure the cost), then every N steps."""
+        if self.policy.every != "auto":
             return False
+        if self._auto_every is None:
+            return True
         last = max(self._records) if self._records else 0
         return step - last >= self._auto_every
 
@@ -462,17 +613,169 @@ class CheckpointManager:
     def _read_meta(self, step: int) -> dict:
         path = self._dir / str(step) / "meta" / "metadata"
         try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as e:
+            meta = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
             log.warning("checkpoint %d has no readable meta (%s); treating it as metric-less",
                         step, e)
             return {}
+        problems = integrity.validate_meta(meta, step)
+        if problems:
+            log.warning("checkpoint %d: meta fails its schema (%s); treating it as "
+                        "metric-less", step, "; ".join(problems))
+            return {}
+        return meta
 
     def _read_data_state(self, step: int) -> Any:
         path = self._dir / str(step) / "data_state" / "metadata"
         if not path.exists():
             return None
-        return _decode_data_state(json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
+        problems = integrity.validate_data_state(stored)
+        if problems:  # verified just before, so only a file changed since gets here
+            raise CheckpointCorruptError(f"checkpoint {step} in {self._dir}: "
+                                         f"data_state/metadata {'; '.join(problems)}.")
+        return _decode_data_state(stored)
+
+    def _record_from_meta(self, step: int) -> Record:
+        return Record(step, self.policy.stored_value(self._read_meta(step).get("metrics")))
+
+    # -- internals: integrity --------------------------------------------------------------
+
+    def _check(self, step: int, checksums: bool) -> tuple[list[str], bool]:
+        """``(problems, verified)``: verified is False for a step without a manifest."""
+        problems = integrity.check(self._dir / str(step), step, checksums=checksums,
+                                   strict=True)
+        verified = integrity.UNVERIFIED not in problems
+        return [p for p in problems if p != integrity.UNVERIFIED], verified
+
+    def _set_aside(self, step: int, problems: list[str], warn: bool = False) -> None:
+        """Take a corrupt checkpoint out of every decision: never best, latest, deleted."""
+        self._records.pop(step, None)
+        self._corrupt[step] = problems
+        log.warning("checkpoint %d in %s is corrupt: %s", step, self._dir, "; ".join(problems))
+        if warn:
+            warnings.warn(
+                f"checkpoint {step} in {self._dir} is corrupt ({_summary(problems)}): it is "
+                "set aside, never restored, never best and never deleted"
+                + ("." if self._read_only else
+                   f"; the next save moves it to {self._dir / CORRUPT_DIR}."), stacklevel=3)
+
+    def _move_corrupt_aside(self) -> None:
+        """Move set-aside checkpoints to ``DIR/jaxckpt-corrupt/`` (kept for inspection),
+        so that a run resumed from an older checkpoint can save its steps again."""
+        if not self._corrupt:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        if self._primary:
+            for step, problems in sorted(self._corrupt.items()):
+                src = self._dir / str(step)
+                if not src.exists():
+                    continue
+                dest = self._dir / CORRUPT_DIR / f"{step}-{stamp}-{uuid.uuid4().hex[:6]}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _move_tree(src, dest)
+                warnings.warn(f"moved corrupt checkpoint {step} ({_summary(problems)}) to "
+                              f"{dest}; it is not deleted: inspect it, then delete it.",
+                              stacklevel=4)
+        if jax.process_count() > 1:
+            # Every process makes the same calls, so the counter names the barrier alike.
+            ocp.multihost.sync_global_processes(f"jaxckpt_move_corrupt_{next(_BARRIERS)}")
+        self._corrupt.clear()
+        self._ocp.reload()
+
+    def _resolve_verified(self, which: Which) -> int:
+        """Like :meth:`_resolve`, checking checksums; "latest"/"best" fall back."""
+        if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
+            step = int(which)
+            if step in self._corrupt:
+                raise CheckpointCorruptError(self._corrupt_message(step, self._corrupt[step]))
+            step = self._resolve(step)
+            problems, verified = self._check(step, checksums=True)
+            if problems:
+                self._set_aside(step, problems)
+                raise CheckpointCorruptError(self._corrupt_message(step, problems))
+            self._warn_unverified(step, verified)
+            return step
+        if which not in ("latest", "best"):
+            return self._resolve(which)  # raises the ValueError
+        if not self._records and self._corrupt:
+            raise CheckpointCorruptError(self._all_corrupt_message(dict(self._corrupt)))
+        if not self._corrupt:
+            self._resolve(which)  # raises when there is nothing (no best) to restore
+        newest_first = sorted(self._records, reverse=True)
+        if which == "best":  # the best that verifies; else, as for "latest", the newest
+            ranked = [r.step for r in self.policy.ranked(self._records.values())]
+            order = ranked + [s for s in newest_first if s not in ranked]
+        else:
+            order = newest_first
+        known = dict(self._corrupt)  # set aside earlier (when this manager opened, ...)
+        skipped: dict[int, list[str]] = {}
+        for step in order:
+            problems, verified = self._check(step, checksums=True)
+            if not problems:
+                break
+            self._set_aside(step, problems)
+            skipped[step] = problems
+        else:
+            raise CheckpointCorruptError(self._all_corrupt_message({**known, **skipped}))
+        # Name every corrupt checkpoint the answer would otherwise have been.
+        skipped.update({s: p for s, p in known.items() if which == "best" or s > step})
+        if skipped:
+            lines = "; ".join(f"step {s}: {_summary(p)}" for s, p in skipped.items())
+            warnings.warn(f"restore({which!r}) skipped corrupt checkpoint(s) {sorted(skipped)} "
+                          f"in {self._dir} ({lines}); restoring step {step}, the "
+                          f"{'best' if which == 'best' and step in ranked else 'newest'} "
+                          "checkpoint that verifies. The corrupt ones are kept for "
+                          "inspection.",
+                          stacklevel=4)
+        self._warn_unverified(step, verified)
+        return step
+
+    def _warn_unverified(self, step: int, verified: bool) -> None:
+        if not verified:
+            warnings.warn(f"checkpoint {step} in {self._dir} has no manifest (its writer "
+                          "stopped between Orbax's commit and the manifest, or it predates "
+                          "manifests): restoring it unverified.", stacklevel=5)
+
+    def _corrupt_message(self, step: int, problems: list[str]) -> str:
+        usable = sorted(self._records)
+        return (f"checkpoint {step} in {self._dir} is corrupt: " + "; ".join(problems) +
+                ". It was not modified. Restore another step"
+                + (f" ({usable})" if usable else "") + ", or 'latest'/'best', which skip "
+                "corrupt checkpoints.")
+
+    def _all_corrupt_message(self, problems: dict[int, list[str]]) -> str:
+        lines = "\n".join(f"  step {s}: {'; '.join(p)}" for s, p in sorted(problems.items()))
+        return (f"no checkpoint in {self._dir} verifies:\n{lines}\nNone was modified. "
+                "Restore from a copy of the directory, or start the run afresh.")
+
+    # -- internals: the directory lock -------------------------------------------------------
+
+    def _lock_directory(self) -> DirectoryLock | None:
+        """Process 0 takes the lock; every process of the job learns whether it did."""
+        lock, error = None, None
+        if self._primary:
+            lock = DirectoryLock(self._dir)
+            try:
+                lock.acquire()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+                lock, error = None, e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not ok and error is None:
+                owner = read_owner(self._dir)
+                error = DirectoryLockedError(
+                    f"process 0 could not lock {self._dir}"
+                    + (f": it is held by {describe(owner)}" if owner else "")
+                    + ". See process 0's error for the cause and the fix.")
+        if error is not None:
+            raise error
+        return lock
+
+    def _check_lock(self) -> None:
+        if self._dirlock is not None:
+            self._dirlock.check()
 
     def _restore_state(self, step: int, target: Any) -> Any:
         saved = self._ocp.item_metadata(step)["state"]
@@ -494,6 +797,24 @@ class CheckpointManager:
         if write and self._read_only:
             raise RuntimeError(f"{self._dir} was opened read_only; open it without "
                                "read_only=True to save.")
+
+    # -- deleting ------------------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Delete checkpoint ``step`` now; its metrics stay in :meth:`history`.
+
+        For applying a retention policy after the fact (``jaxckpt prune``): ``save``
+        already deletes what the policy no longer keeps.
+
+        Raises:
+          CheckpointNotFoundError: no checkpoint ``step`` (lists the available steps).
+        """
+        self._check_open(write=True)
+        self._finish_pending()
+        step = self._resolve(_as_step(step))
+        log.debug("deleting step %d: delete() was called", step)
+        self._ocp.delete(step)
+        del self._records[step]
 
 
 # -- helpers: pure or nearly so ---------------------------------------------------------
@@ -611,7 +932,7 @@ def _to_saveable_abstract(target: Any) -> Any:
 def _abstract_target(target: Any) -> tuple[Any, Callable[[Any], Any]]:
     """The Orbax restore target for ``target`` and a function undoing the key conversion."""
     is_key = jax.tree.map(_is_prng_key, target)
-    impls = jax.tree.map(lambda x: jax.random.key_impl(x) if _is_prng_key(x) else None, target)
+    impls = jax.tree.map(lambda x: _key_impl(x) if _is_prng_key(x) else None, target)
     host = jax.tree.map(lambda x: isinstance(x, (np.ndarray, np.generic)), target)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
@@ -638,6 +959,13 @@ def _abstract_target(target: Any) -> tuple[Any, Callable[[Any], Any]]:
     return abstract, rewrap
 
 
+def _key_impl(x: Any) -> Any:
+    """The PRNG implementation of a typed key, concrete or abstract (ShapeDtypeStruct)."""
+    if isinstance(x, jax.Array):
+        return jax.random.key_impl(x)
+    return getattr(x.dtype, "_impl", None)  # a key dtype carries its impl
+
+
 def _key_data_sharding(sharding: Any, ndim: int) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
@@ -647,6 +975,7 @@ def _key_data_sharding(sharding: Any, ndim: int) -> Any:
 
 def _check_directory(path: epath.Path, *, read_only: bool) -> None:
     s = str(path)
+    integrity.forget_cached_listings(path)  # gs://: see what is there now
     if path.exists() and not path.is_dir():
         raise CheckpointDirectoryError(
             f"checkpoint directory {s} is a file. Pass a directory path (it is created if "
@@ -706,6 +1035,20 @@ def _validate_history(data: Any) -> None:
             raise ValueError(f"unknown policy fields {sorted(unknown)}")
 
 
+def _summary(problems: list[str]) -> str:
+    more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
+    return "; ".join(problems[:2]) + more
+
+
+def _remove_stale_temp_files(directory: epath.Path) -> None:
+    """History files half-written by a killed writer (Orbax cleans its own)."""
+    try:
+        for tmp in directory.glob(f".{HISTORY_FILE}.*.tmp"):
+            tmp.unlink()
+    except OSError as e:
+        log.warning("could not remove stale temporary files in %s: %s", directory, e)
+
+
 def _entries_from_json(stored: dict | None) -> list[_Entry]:
     if not stored:
         return []
@@ -713,7 +1056,22 @@ def _entries_from_json(stored: dict | None) -> list[_Entry]:
                    bool(e.get("saved"))) for e in stored["history"]]
 
 
+def _move_tree(src: epath.Path, dest: epath.Path) -> None:
+    """``src.rename(dest)``. Object stores have neither rename nor real folders (epath
+    refuses a destination whose folder holds no object yet): copy each object, then
+    delete the source."""
+    if "://" not in str(src):
+        src.rename(dest)
+        return
+    for rel, _ in integrity.walk_files(src):
+        (src / rel).copy(dest / rel)
+    src.rmtree()
+
+
 def _atomic_write_text(path: epath.Path, text: str) -> None:
+    if "://" in str(path):  # an object store: an object appears whole or not at all
+        path.write_text(text)  # (and it has no rename: gcsfs would copy, then delete)
+        return
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(text)
     tmp.replace(path)

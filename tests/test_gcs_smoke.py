@@ -1,6 +1,7 @@
 """Smoke tests: Orbax and etils epath against a local GCS emulator (fake-gcs-server).
 
 Nothing here skips: a missing emulator binary is an error (see tests/gcs_emulator.py).
+The ``gcs`` fixture (one emulator per test session) lives in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -17,12 +18,6 @@ try:
     from tests.gcs_emulator import GcsEmulatorUnavailable, emulator_env, gcs_emulator
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from gcs_emulator import GcsEmulatorUnavailable, emulator_env, gcs_emulator
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    with gcs_emulator(bucket="jaxckpt-test") as emu:
-        yield emu
 
 
 def test_emulator_env_and_bucket(gcs):

@@ -298,3 +298,11 @@ def test_background_write_failure_is_raised_and_loses_nothing(tmp_path):
         m.save(3, {"x": jax.random.normal(jax.random.key(0), (1_000_000,))})  # limit gone
         m.wait()
         assert m.steps() == [3]
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with CheckpointManager("runs/ckpt") as m:
+        m.save(1, {"x": jnp.arange(3)})
+    with CheckpointManager(tmp_path / "runs" / "ckpt", read_only=True) as m:
+        assert m.steps() == [1] and np.array_equal(m.restore(1)["x"], np.arange(3))

@@ -10,6 +10,7 @@ Run the same command again and it resumes: a finished run reports that nothing i
 do; an interrupted one (Ctrl-C, SIGKILL, a preempted machine) continues exactly where its
 last checkpoint left it. Checkpoints go to WORKDIR/checkpoints (inspect them with
 ``jaxckpt ls WORKDIR/checkpoints``) and the loss curves to WORKDIR/history.png.
+``--checkpoint-dir gs://bucket/run`` puts the checkpoints in Google Cloud Storage instead.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class CNN(nn.Module):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="checkpoints, plot and results go here")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoints go here instead of WORKDIR/checkpoints: a local path or "
+                        "a gs://bucket/path URL")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -55,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ckpt_dir = os.path.join(args.workdir, "checkpoints")
+    ckpt_dir = args.checkpoint_dir or os.path.join(args.workdir, "checkpoints")
 
     # 1. Load the dataset: 1,797 handwritten digits, a TFDS dataset read through grain.
     data_dir = args.data_dir or data.default_data_dir()

@@ -42,12 +42,14 @@ class CNN(nnx.Module):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="default WORKDIR/checkpoints; a local path or gs://bucket/path")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    ckpt_dir = os.path.join(args.workdir, "checkpoints")
+    ckpt_dir = args.checkpoint_dir or os.path.join(args.workdir, "checkpoints")
 
     # 1-3. Load, preprocess, split (as in fit_digits.py).
     data_dir = args.data_dir or data.default_data_dir()

@@ -1,0 +1,832 @@
+"""The ``jaxckpt`` command: inspect, verify, plot and prune a checkpoint directory.
+
+Synopsis::
+
+    jaxckpt ls /tmp/run/checkpoints            # kept checkpoints, why kept, size, integrity
+    jaxckpt best /tmp/run/checkpoints --json   # {"step": 45, "metrics": {...}}
+    jaxckpt plot /tmp/run/checkpoints -o curves.png
+    jaxckpt prune /tmp/run/checkpoints --keep-best 1 --keep-latest 1 --dry-run
+
+Everything here goes through :class:`jaxckpt.CheckpointManager`; the CLI decides nothing
+the library does not (retention is :meth:`CheckpointPolicy.kept`). Read-only commands open
+the directory with ``read_only=True``: they never write, delete, clean up or lock.
+Exit status: 0 success, 1 ``verify`` found a bad checkpoint, 2 an error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import warnings
+from typing import Any, Sequence
+
+__all__ = ["main", "plan_prune", "parse_bytes"]
+
+EXIT_OK, EXIT_BAD_CHECKPOINT, EXIT_ERROR = 0, 1, 2
+_PROG = "jaxckpt"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``jaxckpt: error: <message>``, exit status 2."""
+
+
+# -- opening a directory ----------------------------------------------------------------
+
+
+def _check_checkpoint_dir(directory: str):
+    """The directory as an epath, or a CliError naming what is wrong with it."""
+    from etils import epath
+
+    from jaxckpt.manager import HISTORY_FILE
+
+    path = epath.Path(directory)
+    if "://" not in directory:
+        path = path.resolve()  # Orbax writes (prune) only to absolute paths
+    else:
+        from jaxckpt.integrity import forget_cached_listings
+        forget_cached_listings(path)  # main() may run twice in one process
+    if not path.exists():
+        raise CliError(f"{directory}: no such directory.")
+    if not path.is_dir():
+        raise CliError(f"{directory} is a file, not a checkpoint directory.")
+    if (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in path.iterdir()):
+        return path
+    nested = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / HISTORY_FILE).exists())
+    hint = f"; did you mean {path / nested[0]}?" if nested else (
+        " (pass the directory given to CheckpointManager).")
+    raise CliError(f"{directory} is not a jaxckpt checkpoint directory: no {HISTORY_FILE} and "
+                   f"no step directories{hint}")
+
+
+def _is_step_dir(path) -> bool:
+    return path.name.isdigit() and path.is_dir()
+
+
+def _open(directory: str, *, read_only: bool = True):
+    """A CheckpointManager on ``directory`` with its stored policy."""
+    path = _check_checkpoint_dir(directory)
+    from jaxckpt.manager import CheckpointManager
+
+    return CheckpointManager(path, read_only=read_only)
+
+
+# -- what each checkpoint is --------------------------------------------------------------
+
+
+def step_bytes(path) -> int:
+    """Total size of the files under ``path`` (an epath, so ``gs://`` works too)."""
+    from jaxckpt.integrity import walk_files  # not epath's walk: it loses gs:// on the way
+
+    return sum(size for _, size in walk_files(path))
+
+
+def _verify(mngr, step: int | None = None, *, checksums: bool = True
+            ) -> dict[int, list[str]]:
+    """``{step: problems}`` for every checkpoint in the directory, set-aside ones included.
+
+    A checkpoint without a manifest gets the one problem ``integrity.UNVERIFIED``.
+    """
+    return mngr.verify(step, checksums=checksums, strict=True)
+
+
+def _status(problems: list[str] | None, checksums: bool = True) -> str:
+    from jaxckpt.integrity import UNVERIFIED
+
+    if problems is None or problems == [UNVERIFIED]:
+        return "unverified"
+    if problems:
+        return "corrupt"
+    return "ok" if checksums else "ok (sizes)"
+
+
+def _corrupt(problems: dict[int, list[str]]) -> dict[int, list[str]]:
+    return {s: p for s, p in problems.items() if _status(p) == "corrupt"}
+
+
+def _checkpoints(mngr, *, checksums: bool) -> list[dict[str, Any]]:
+    """One dict per checkpoint on disk: step, epoch, metrics, kept, bytes, time, integrity.
+
+    A checkpoint that fails verification is listed too: the manager has set it aside
+    (never best, latest or deleted), so it has no reason to be kept.
+    """
+    problems = _verify(mngr, checksums=checksums)  # first: it sets corrupt steps aside
+    entries = {e["step"]: e for e in mngr.entries()}
+    reasons = mngr.kept_reasons()
+    kept = set(mngr.steps())
+    rows = []
+    for step in sorted(kept | set(problems)):
+        entry = entries.get(step, {})
+        when = entry.get("time") or None
+        status = _status(problems.get(step), checksums)
+        rows.append({
+            "step": step,
+            "epoch": entry.get("epoch"),
+            "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
+            "kept": reasons.get(step, []) if step in kept else ["set aside: corrupt"],
+            "best": step == mngr.best_step,
+            "latest": step == mngr.latest_step,
+            "bytes": step_bytes(mngr.directory / str(step)),
+            "time": when,
+            "written": _iso(when),
+            "integrity": status,
+            "problems": problems.get(step, []) if status == "corrupt" else [],
+        })
+    return rows
+
+
+def _metric_order(names: Sequence[str], monitor: str | None) -> list[str]:
+    """Monitored metric first, then its train counterpart, then the rest as first seen."""
+    ordered = []
+    for name in (monitor, _counterpart(monitor)):
+        if name and name in names and name not in ordered:
+            ordered.append(name)
+    return ordered + [n for n in names if n not in ordered]
+
+
+def _counterpart(metric: str | None) -> str | None:
+    """``val_loss`` <-> ``loss``: the train/validation twin of a metric name."""
+    if not metric:
+        return None
+    return metric[4:] if metric.startswith("val_") else f"val_{metric}"
+
+
+def _metric_names(dicts: Sequence[dict[str, float] | None]) -> list[str]:
+    names: list[str] = []
+    for d in dicts:
+        names += [k for k in (d or {}) if k not in names]
+    return names
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+
+def _iso(t: float | None) -> str | None:
+    if not t:
+        return None
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def _when(t: float | None) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "?"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def human_bytes(n: int) -> str:
+    """``45056`` -> ``"44.0 KiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1000"``, ``"500MB"`` (10^6), ``"1.5GiB"`` or ``"2G"`` (2^30, as ``du -h``) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes (1000000) or a number with a unit "
+            "(500MB, 1.5GiB, 2G).")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """A plain fixed-width table (for pipes, logs and ``grep``)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = ["-" * w if h else "" for h, w in zip(headers, widths)]
+    return "\n".join([line(headers), line(rule)] +
+                     [line(r) for r in rows])
+
+
+def _mark(row: dict[str, Any]) -> str:
+    return ", ".join(m for m in ("best", "latest") if row[m])
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_ls(args) -> int:
+    with _open(args.directory) as mngr:
+        rows = _checkpoints(mngr, checksums=not args.quick)
+        policy = mngr.policy
+        summary = {"directory": str(mngr.directory), "monitor": policy.monitor,
+                   "mode": policy.resolved_mode if policy.monitor else None,
+                   "keep_best": policy.keep_best, "keep_latest": policy.keep_latest,
+                   "best_step": mngr.best_step, "latest_step": mngr.latest_step,
+                   "checksums": not args.quick, "checkpoints": rows}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    bad = [r for r in rows if r["problems"]]
+    title = (f"{summary['directory']}: {len(rows)} checkpoint{'s' * (len(rows) != 1)}"
+             + (f", monitor {policy.monitor} ({summary['mode']})" if policy.monitor else "")
+             + f", best {_or_none(mngr.best_step)}, latest {_or_none(mngr.latest_step)}"
+             + (f", {len(bad)} CORRUPT" if bad else ""))
+    if not rows:
+        print(f"{title}\n(no checkpoints)")
+        return EXIT_OK
+    names = _metric_order(_metric_names([r["metrics"] for r in rows]), policy.monitor)
+    headers = (["step", "epoch"] + names +
+               ["kept as", "size", "written", "integrity", ""])
+    cells = [[str(r["step"]), _or_none(r["epoch"], "-")] +
+             [_num(r["metrics"].get(n)) for n in names] +
+             [", ".join(r["kept"]) or "-", human_bytes(r["bytes"]), _when(r["time"]),
+              r["integrity"], f"<- {_mark(r)}" if _mark(r) else ""] for r in rows]
+    right = {0, 1, *range(2, 2 + len(names)), 3 + len(names)}
+    if sys.stdout.isatty():
+        _print_rich(title, headers, cells, right, rows)
+    else:
+        print(title)
+        print(_table(headers, cells, right))
+    for r in bad:
+        print(f"step {r['step']} is corrupt: {'; '.join(r['problems'])}")
+    return EXIT_OK
+
+
+def _or_none(value: Any, none: str = "none") -> str:
+    return none if value is None else str(value)
+
+
+def _print_rich(title, headers, cells, right, rows) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
+                  collapse_padding=True)
+    for i, header in enumerate(headers):
+        # On a narrow terminal only "kept as" and "written" wrap (at their spaces).
+        table.add_column(header, justify="right" if i in right else "left",
+                         no_wrap=header not in ("kept as", "written", ""),
+                         min_width=10 if header == "written" else None)
+    status_style = {"ok": "green", "ok (sizes)": "green", "corrupt": "bold red",
+                    "unverified": "yellow"}
+    for row, cell in zip(rows, cells):
+        cell = list(cell)
+        k = headers.index("integrity")
+        cell[k] = f"[{status_style[row['integrity']]}]{cell[k]}[/]"
+        cell[-1] = f"[bold]{_mark(row)}[/]"  # the row's colour marks it; no arrow needed
+        style = "bold green" if row["best"] else ("cyan" if row["latest"] else None)
+        table.add_row(*cell, style=style)
+    Console().print(table)
+
+
+def cmd_best(args) -> int:
+    with _open(args.directory) as mngr:
+        step = mngr.best_step
+        if step is None:
+            reason = ("its policy monitors no metric" if not mngr.policy.monitor else
+                      f"no kept checkpoint has a finite {mngr.policy.monitor!r}")
+            raise CliError(f"no best checkpoint in {mngr.directory}: {reason}; kept steps: "
+                           f"{mngr.steps() or 'none'}.")
+        metrics = mngr.metrics(step) or {}
+        epoch = next((e["epoch"] for e in mngr.entries() if e["step"] == step), None)
+        monitor, mode = mngr.policy.monitor, mngr.policy.resolved_mode
+    if args.json:
+        print(json.dumps({"step": step, "epoch": epoch, "monitor": monitor, "mode": mode,
+                          "metrics": metrics}, indent=2))
+        return EXIT_OK
+    epoch_text = f" (epoch {epoch})" if epoch is not None else ""
+    print(f"best checkpoint: step {step}{epoch_text}, by {monitor} ({mode})")
+    width = max(map(len, metrics), default=0)
+    for name in _metric_order(list(metrics), monitor):
+        print(f"  {name.ljust(width)}  {metrics[name]:.6g}")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    with _open(args.directory) as mngr:
+        problems = _verify(mngr, args.step)  # names an unknown step itself
+        directory = mngr.directory
+    if not problems:
+        raise CliError(f"no checkpoints in {directory} to verify.")
+    for step, found in problems.items():
+        status = _status(found)
+        detail = {"ok": "ok", "unverified": "unverified (no manifest: written before "
+                  "manifests, or the writer stopped right after the commit)",
+                  "corrupt": "CORRUPT: " + "; ".join(found)}[status]
+        print(f"step {step}: {detail}")
+    bad = sorted(_corrupt(problems))
+    if bad:
+        print(f"{_PROG}: error: {len(bad)} of {len(problems)} checkpoint(s) in {directory} "
+              f"failed verification: step(s) {', '.join(map(str, bad))}.", file=sys.stderr)
+        return EXIT_BAD_CHECKPOINT
+    print(f"{len(problems)} checkpoint(s) ok")
+    return EXIT_OK
+
+
+def cmd_plot(args) -> int:
+    with _open(args.directory) as mngr:
+        entries = mngr.entries()
+        monitor, mode = mngr.policy.monitor, (mngr.policy.resolved_mode
+                                              if mngr.policy.monitor else None)
+        best, latest, directory = mngr.best_step, mngr.latest_step, mngr.directory
+        corrupt = sorted(_corrupt(_verify(mngr, checksums=False)))  # sizes: a stat per file
+    available = _metric_names([e["metrics"] for e in entries])
+    if not available:
+        raise CliError(f"{directory} has no metric history to plot.")
+    names = args.metric or [n for n in (monitor, _counterpart(monitor)) if n in available] \
+        or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise CliError(f"no metric {', '.join(map(repr, unknown))} in the history of "
+                       f"{directory}; metrics: {', '.join(available)}.")
+    plot_history(entries, names, args.output, monitor=monitor, mode=mode, best=best,
+                 latest=latest, corrupt=corrupt, title=str(directory))
+    print(f"wrote {args.output} ({', '.join(names)} over {len(entries)} steps; "
+          f"best {_or_none(best)}, latest {_or_none(latest)})")
+    return EXIT_OK
+
+
+def plot_history(entries, names, output, *, monitor, mode, best, latest, title,
+                 corrupt: Sequence[int] = ()) -> None:
+    """Curves of ``names`` over every recorded step; checkpoints as markers on them.
+
+    Kept checkpoints are filled circles, deleted ones hollow, corrupt ones (set aside) red
+    crosses; the best gets a star and the best and latest steps a vertical line. A metric and its train/validation twin
+    (``loss``/``val_loss``) share a panel; other metrics get their own.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    panels: list[list[str]] = []
+    for name in names:
+        twin = next((p for p in panels if _counterpart(name) in p), None)
+        (twin.append(name) if twin is not None else panels.append([name]))
+    fig = Figure(figsize=(9, 2.2 + 2.8 * len(panels)), dpi=110, layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    steps = [e["step"] for e in entries]
+    palette = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for ax, panel in zip(axes, panels):
+        for i, name in enumerate(panel):
+            ys = [_value(e, name) for e in entries]
+            primary = name == monitor or (monitor not in panel and i == 0)
+            ax.plot(steps, ys, color=palette[i % len(palette)], linewidth=2 if primary else 1.4,
+                    alpha=1 if primary else 0.8, label=name + (f" (monitored, {mode})"
+                                                               if name == monitor else ""))
+            if primary:
+                _checkpoint_markers(ax, entries, name, palette[i % len(palette)], corrupt)
+                if name == monitor and best is not None:
+                    y = _value(next(e for e in entries if e["step"] == best), name)
+                    ax.plot([best], [y], marker="*", markersize=17, color="gold",
+                            markeredgecolor="black", zorder=6, linestyle="none")
+                    _label(ax, best, y, f"best: step {best}\n{name} {y:.4g}",
+                           below=(mode == "min"))
+                if latest is not None and latest != best:
+                    y = _value(next((e for e in entries if e["step"] == latest), {}), name)
+                    if not math.isnan(y):
+                        _label(ax, latest, y, f"latest: step {latest}\n{name} {y:.4g}",
+                               below=(mode != "min"))
+        for step, color in ((best, "tab:green"), (latest, "tab:gray")):
+            if step is not None:
+                ax.axvline(step, color=color, linestyle="--", linewidth=1, zorder=1)
+        ax.set_ylabel(" / ".join(panel))
+        ax.grid(alpha=0.3)
+        ax.margins(y=0.18)
+        handles, _ = ax.get_legend_handles_labels()
+        if ax is axes[0]:  # the checkpoint key once, in the top panel
+            handles += _checkpoint_key(entries, corrupt, best, latest)
+        ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.9)
+    axes[-1].set_xlabel("step")
+    n_kept = sum(e["kept"] for e in entries)
+    fig.suptitle(f"{title}\n{len(entries)} recorded steps, {n_kept} checkpoint"
+                 f"{'s' * (n_kept != 1)} kept", fontsize=11)
+    fig.savefig(output)
+
+
+def _checkpoint_key(entries, corrupt, best, latest) -> list:
+    from matplotlib.lines import Line2D
+
+    n_deleted = sum(e["saved"] and not e["kept"] for e in entries) - len(corrupt)
+    key = [Line2D([], [], marker="o", color="black", linestyle="none", markersize=7,
+                  label=f"kept checkpoint ({sum(e['kept'] for e in entries)})"),
+           Line2D([], [], marker="o", color="black", markerfacecolor="white",
+                  linestyle="none", markersize=7, label=f"deleted checkpoint ({n_deleted})")]
+    if corrupt:
+        key.append(Line2D([], [], marker="X", color="tab:red", markeredgecolor="black",
+                          linestyle="none", markersize=9,
+                          label=f"corrupt, set aside ({len(corrupt)})"))
+    if best is not None:
+        key.append(Line2D([], [], color="tab:green", linestyle="--", marker="*", markersize=12,
+                          markerfacecolor="gold", markeredgecolor="black",
+                          label=f"best (step {best})"))
+    if latest is not None:
+        key.append(Line2D([], [], color="tab:gray", linestyle="--",
+                          label=f"latest (step {latest})"))
+    return key
+
+
+def _value(entry: dict, name: str) -> float:
+    value = (entry.get("metrics") or {}).get(name)
+    return math.nan if value is None else float(value)
+
+
+def _checkpoint_markers(ax, entries, name, color, corrupt) -> None:
+    shrink = min(1.0, (120 / max(len(entries), 1)) ** 0.5)  # long runs: smaller markers
+    for kept, fill in ((False, "white"), (True, color)):
+        pts = [(e["step"], _value(e, name)) for e in entries
+               if e["saved"] and e["kept"] == kept and e["step"] not in corrupt]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=(6 if kept else 4.5) * max(shrink, 0.5),
+                    linestyle="none", color=color, markerfacecolor=fill,
+                    markeredgewidth=1.2 * max(shrink, 0.5), zorder=4)
+    pts = [(e["step"], _value(e, name)) for e in entries if e["step"] in corrupt]
+    if pts:
+        ax.plot(*zip(*pts), marker="X", markersize=10, linestyle="none", color="tab:red",
+                markeredgecolor="black", zorder=5)
+
+
+def _label(ax, x, y, text, *, below: bool) -> None:
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(-12, -34 if below else 22),
+                ha="right", fontsize=9, arrowprops={"arrowstyle": "-", "color": "0.4"},
+                bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.7"})
+
+
+def plan_prune(records, sizes: dict[int, int], policy, max_bytes: int | None
+               ) -> list[dict[str, Any]]:
+    """Decide, for each checkpoint, keep or delete and why. Pure: no I/O.
+
+    ``policy.kept(records)`` picks the candidates (best K union latest N). With a byte
+    budget they are admitted in value order -- best #1, latest #1, best #2, latest #2, ...
+    (a checkpoint with two reasons counts at its higher place) -- each one that still
+    fits in ``max_bytes`` is kept, one that does not is deleted and the next is tried.
+
+    Returns:
+      One dict per checkpoint, by step: ``step, keep, reasons, why, bytes``.
+    """
+    reasons = policy.kept(records)
+    newest = sorted((s for s, rs in reasons.items() if "latest" in rs), reverse=True)
+
+    def place(step: int) -> int:
+        ranks = [2 * (int(r.split("#")[1]) - 1) for r in reasons[step] if r.startswith("best #")]
+        if step in newest:
+            ranks.append(2 * newest.index(step) + 1)
+        return min(ranks)
+
+    ranked = policy.ranked(records)
+    value_rank = {r.step: i for i, r in enumerate(ranked, start=1)}
+    decisions: dict[int, dict[str, Any]] = {}
+    used = 0
+    for order, step in enumerate(sorted(reasons, key=place), start=1):
+        label = ", ".join(_with_latest_rank(r, step, newest) for r in reasons[step])
+        size = sizes[step]
+        if max_bytes is not None and used + size > max_bytes:
+            decisions[step] = {"keep": False, "why": (
+                f"{label}, but over the --max-bytes budget: {human_bytes(used)} already kept, "
+                f"+{human_bytes(size)} > {human_bytes(max_bytes)}")}
+            continue
+        used += size
+        budget = (f" ({_ordinal(order)} in value order; {human_bytes(used)} of "
+                  f"{human_bytes(max_bytes)} used)" if max_bytes is not None else "")
+        decisions[step] = {"keep": True, "why": label + budget}
+    for record in records:
+        if record.step in decisions:
+            continue
+        parts = []
+        if policy.keep_best:
+            parts.append(f"not among the best {policy.keep_best} by {policy.monitor} " + (
+                f"(ranks #{value_rank[record.step]}, {record.value:.4g})"
+                if record.step in value_rank else f"(no finite {policy.monitor})"))
+        parts.append(f"not among the latest {policy.keep_latest}" if policy.keep_latest
+                     else "--keep-latest 0")
+        decisions[record.step] = {"keep": False, "why": "; ".join(parts)}
+    return [{"step": s, "bytes": sizes[s], "reasons": reasons.get(s, []), **decisions[s]}
+            for s in sorted(decisions)]
+
+
+def _corrupt_dir() -> str:
+    from jaxckpt import manager
+
+    return getattr(manager, "CORRUPT_DIR", "jaxckpt-corrupt")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _with_latest_rank(reason: str, step: int, newest: list[int]) -> str:
+    return f"latest #{newest.index(step) + 1}" if reason == "latest" and len(newest) > 1 \
+        else reason
+
+
+def cmd_prune(args) -> int:
+    from jaxckpt.policy import CheckpointPolicy, Record
+
+    # A real prune holds the directory as its writer (a live run's lock makes it fail);
+    # a dry run only reads.
+    with _open(args.directory, read_only=args.dry_run) as mngr:
+        # Checksums first: a corrupt copy must never be kept in place of a good one.
+        corrupt = _corrupt(_verify(mngr))
+        stored = mngr.policy
+        keep_best = stored.keep_best if args.keep_best is None else args.keep_best
+        keep_latest = stored.keep_latest if args.keep_latest is None else args.keep_latest
+        if keep_best and not stored.monitor:
+            raise CliError(f"{mngr.directory} monitors no metric, so there is no best to keep: "
+                           "use --keep-best 0.")
+        try:
+            policy = CheckpointPolicy(monitor=stored.monitor, mode=stored.mode,
+                                      min_delta=stored.min_delta, keep_best=keep_best,
+                                      keep_latest=keep_latest)
+        except ValueError as e:
+            raise CliError(f"{e} (--keep-best {keep_best} --keep-latest {keep_latest})") from e
+        steps = mngr.steps()  # intact checkpoints only: corrupt ones are set aside
+        if not steps:
+            print(f"{mngr.directory}: no intact checkpoints, nothing to prune.")
+            return EXIT_OK
+        records = [Record(s, policy.stored_value(mngr.metrics(s))) for s in steps]
+        sizes = {s: step_bytes(mngr.directory / str(s)) for s in steps}
+        plan = plan_prune(records, sizes, policy, args.max_bytes)
+        doomed = [d["step"] for d in plan if not d["keep"]]
+        if len(doomed) == len(plan):
+            raise CliError(f"--max-bytes {args.max_bytes} is smaller than every checkpoint "
+                           f"(smallest {human_bytes(min(sizes.values()))}): prune would delete "
+                           f"all {len(plan)}; nothing was deleted.")
+        best_now = mngr.best_step
+        budget = (f" --max-bytes {args.max_bytes} ({human_bytes(args.max_bytes)})"
+                  if args.max_bytes is not None else "")
+        print(f"{mngr.directory}: --keep-best {keep_best} --keep-latest {keep_latest}{budget}"
+              f"{' (dry run: nothing is deleted)' if args.dry_run else ''}")
+        if best_now in doomed:
+            _warn_best_deleted(records, doomed, best_now, policy, args.dry_run)
+        if not args.dry_run:
+            for step in doomed:
+                mngr.delete(step)
+    verbs = ("would keep", "would delete") if args.dry_run else ("kept", "deleted")
+    width = max(len(v) for v in verbs)
+    for step, found in sorted(corrupt.items()):
+        print(f"  {'left alone'.ljust(width)}  step {step}: corrupt, set aside by jaxckpt "
+              f"(moved to {_corrupt_dir()}/ by the next save): {'; '.join(found)}")
+    for d in plan:
+        verb = verbs[0] if d["keep"] else verbs[1]
+        note = "  [THE BEST CHECKPOINT]" if not d["keep"] and d["step"] == best_now else ""
+        print(f"  {verb.ljust(width)}  step {str(d['step']).rjust(len(str(steps[-1])))}"
+              f"  {human_bytes(d['bytes']).rjust(10)}  {d['why']}{note}")
+    freed = sum(d["bytes"] for d in plan if not d["keep"])
+    kept = sum(d["bytes"] for d in plan if d["keep"])
+    print(f"{verbs[1]} {len(doomed)} of {len(plan)} checkpoint(s), {human_bytes(freed)}; "
+          f"{len(plan) - len(doomed)} kept, {human_bytes(kept)}")
+    return EXIT_OK
+
+
+def _warn_best_deleted(records, doomed, best_now, policy, dry_run: bool) -> None:
+    value = next(r.value for r in records if r.step == best_now)
+    survivor = policy.best([r for r in records if r.step not in doomed])
+    left = "would be" if dry_run else "is"
+    after = (f"the best left {left} step {survivor.step} ({policy.monitor} "
+             f"{survivor.value:.4g})" if survivor else
+             f"no checkpoint with a finite {policy.monitor} {left} left")
+    print(f"{_PROG}: warning: step {best_now} is the best checkpoint ({policy.monitor} "
+          f"{value:.4g}) and {'would be' if dry_run else 'is being'} deleted; {after}.",
+          file=sys.stderr)
+
+
+def cmd_demo(args) -> int:
+    try:
+        from jaxckpt.demo import run
+    except ModuleNotFoundError as e:
+        if e.name not in ("jaxckpt.demo",):
+            raise
+        raise CliError("this jaxckpt install has no demo (jaxckpt.demo is missing).") from e
+    # Absolute: Orbax writes only to absolute paths.
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="jaxckpt-demo-"))
+    print(f"demo: {args.epochs} epochs on the digits dataset in {workdir}")
+    result = run(workdir, args.epochs, args.seed)
+    ckpt = os.path.join((result or {}).get("workdir", workdir), "checkpoints")
+    print(f"demo done. Inspect what it kept:\n  {_PROG} ls {ckpt}\n"
+          f"  {_PROG} plot {ckpt} -o curves.png")
+    return EXIT_OK
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=_PROG, formatter_class=fmt,
+        description="Inspect, verify, plot and prune jaxckpt checkpoint directories.",
+        epilog="examples:\n"
+               "  jaxckpt ls /tmp/run/checkpoints\n"
+               "  jaxckpt best /tmp/run/checkpoints --json\n"
+               "  jaxckpt verify /tmp/run/checkpoints\n"
+               "  jaxckpt plot /tmp/run/checkpoints -o curves.png\n"
+               "  jaxckpt prune /tmp/run/checkpoints --keep-best 1 --keep-latest 1 --dry-run\n"
+               "  jaxckpt demo --workdir /tmp/jaxckpt-demo --epochs 20\n\n"
+               "exit status: 0 ok, 1 verify found a bad checkpoint, 2 error.\n"
+               "Run 'jaxckpt COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help, epilog, func):
+        p = sub.add_parser(name, help=help, description=textwrap.fill(help, 78),
+                           epilog="examples:\n" + epilog, formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    def directory(p):
+        p.add_argument("directory", metavar="DIR",
+                       help="checkpoint directory (the one given to CheckpointManager; "
+                            "local path or gs://...)")
+
+    p = command("ls", "List the kept checkpoints: step, epoch, metrics, why kept, size, "
+                "time written, integrity; best and latest marked.",
+                "  jaxckpt ls /tmp/run/checkpoints\n"
+                "  jaxckpt ls /tmp/run/checkpoints --json | jq '.checkpoints[].step'\n"
+                "  jaxckpt ls gs://bucket/run/checkpoints --quick\n\n"
+                "A table on a terminal, plain text when piped, JSON with --json.\n"
+                "integrity: ok (sizes and CRC-32 checksums match the manifest written at\n"
+                "commit), corrupt (they do not; jaxckpt sets the checkpoint aside: never\n"
+                "restored, best, latest or deleted), unverified (no manifest).", cmd_ls)
+    directory(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quick", action="store_true",
+                   help="check file sizes only, not checksums (a stat per file instead of "
+                        "reading every byte: fast on large or remote checkpoints)")
+
+    p = command("best", "Show the best checkpoint by the monitored metric and its metrics.",
+                "  jaxckpt best /tmp/run/checkpoints\n"
+                "  jaxckpt best /tmp/run/checkpoints --json   "
+                "# {\"step\": 45, \"metrics\": {\"val_loss\": 0.61, ...}, ...}", cmd_best)
+    directory(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("verify", "Check every checkpoint (or one) against the manifest written when "
+                "it was committed: sizes and CRC-32 checksums; exit 1 naming each bad one.",
+                "  jaxckpt verify /tmp/run/checkpoints\n"
+                "  jaxckpt verify /tmp/run/checkpoints --step 45\n"
+                "  jaxckpt verify gs://bucket/run/checkpoints || echo 'restore from elsewhere'",
+                cmd_verify)
+    directory(p)
+    p.add_argument("--step", type=int, metavar="N", help="check only checkpoint N")
+
+    p = command("plot", "Plot the metric history of every recorded step (kept or not) as "
+                "curves; kept checkpoints filled, deleted ones hollow, best and latest marked.",
+                "  jaxckpt plot /tmp/run/checkpoints -o curves.png\n"
+                "  jaxckpt plot /tmp/run/checkpoints -o acc.png --metric val_acc "
+                "--metric acc\n\n"
+                "Default metrics: the monitored one and its train twin (val_loss and loss).",
+                cmd_plot)
+    directory(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE.png",
+                   help="image to write (.png, .svg, .pdf)")
+    p.add_argument("--metric", action="append", metavar="NAME",
+                   help="metric to plot; repeat for several (default: the monitored one and "
+                        "its train/validation twin)")
+
+    p = command("prune", "Apply a retention policy to an existing directory: keep the best K "
+                "and latest N, optionally within a disk budget; delete the rest.",
+                "  jaxckpt prune /tmp/run/checkpoints --keep-best 1 --keep-latest 1 --dry-run\n"
+                "  jaxckpt prune /tmp/run/checkpoints --keep-best 3 --keep-latest 2\n"
+                "  jaxckpt prune /tmp/run/checkpoints --keep-best 2 --keep-latest 1 "
+                "--max-bytes 20GiB\n\n"
+                "Best is ranked by the directory's own monitored metric and mode. With\n"
+                "--max-bytes, checkpoints are admitted in value order -- best #1, latest #1,\n"
+                "best #2, latest #2, ... -- each one kept if it still fits (sizes are the\n"
+                "files under each step directory), otherwise deleted. Prune never deletes\n"
+                "every checkpoint, and says so when it deletes the best one. It verifies\n"
+                "checksums first: a corrupt checkpoint is left alone and never counted as\n"
+                "kept. It takes the directory's writer lock, so it fails while a run is\n"
+                "writing there. The directory's stored policy is not changed.",
+                cmd_prune)
+    directory(p)
+    p.add_argument("--keep-best", type=_non_negative, metavar="K",
+                   help="keep the K best by the monitored metric (default: the directory's "
+                        "policy)")
+    p.add_argument("--keep-latest", type=_non_negative, metavar="N",
+                   help="keep the N newest (default: the directory's policy)")
+    p.add_argument("--max-bytes", type=parse_bytes, metavar="B",
+                   help="disk budget for the kept checkpoints: bytes, or 500MB, 1.5GiB, 2G")
+    p.add_argument("--dry-run", action="store_true",
+                   help="delete nothing; explain for each checkpoint why it would be kept or "
+                        "deleted")
+
+    p = command("demo", "Run the seven-step digits example: train a small CNN keeping the "
+                "best epoch by val_loss and the latest, then evaluate the best model. Run it "
+                "again with the same --workdir and it resumes.",
+                "  jaxckpt demo\n"
+                "  jaxckpt demo --workdir /tmp/jaxckpt-demo --epochs 20\n"
+                "  jaxckpt ls /tmp/jaxckpt-demo/checkpoints   # then look at what it kept",
+                cmd_demo)
+    p.add_argument("--workdir", metavar="DIR",
+                   help="where to write checkpoints and plots (default: a new temporary "
+                        "directory)")
+    p.add_argument("--epochs", type=_positive, default=20, metavar="N",
+                   help="epochs to train (default 20)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxckpt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"{_PROG}: warning: {text}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _quiet(args):
+    """Library chatter off, warnings on one line each, for the duration of one command.
+
+    The manager's log lines are for run logs; what a user of the CLI must know, it also
+    says with ``warnings.warn``. Orbax logs through absl (a read-only open warns twice
+    that it is read-only). Commands that report integrity themselves (ls, verify, prune)
+    drop the manager's "checkpoint N is corrupt" warnings: their output says it.
+    """
+    saved = [(name, logging.getLogger(name).level) for name in ("jaxckpt", "absl")]
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            logging.getLogger("absl").setLevel(logging.ERROR)
+            if args.command != "demo":  # the demo's training log stays as it is
+                logging.getLogger("jaxckpt").setLevel(logging.ERROR)
+            if args.command in ("ls", "verify", "prune"):
+                warnings.filterwarnings("ignore", message=r"checkpoint \d+ in .* is corrupt")
+            yield
+    finally:
+        for name, level in saved:
+            logging.getLogger(name).setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``jaxckpt`` command line; return the exit status.
+
+    Args:
+      argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, a usage error: argparse already printed
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    if args.command != "demo" and "jax" not in sys.modules:
+        # Inspecting needs no accelerator; claiming one would take its memory from (or,
+        # on a TPU host, fail beside) the training run that owns it.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    try:
+        with _quiet(args):
+            return args.func(args)
+    except (CliError, OSError, ValueError, RuntimeError) as e:
+        # jaxckpt's own errors subclass these; each names the problem and the fix.
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{_PROG}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

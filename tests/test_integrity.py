@@ -1,0 +1,345 @@
+"""Manifests, verification and fallback: real checkpoints, corrupted on disk for real
+(truncated, flipped, deleted, garbage JSON, crafted paths), and the no-pickle guarantee."""
+
+import json
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import threading
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+import jaxckpt
+from jaxckpt import CheckpointManager, CheckpointPolicy, integrity
+from _util import init_state, leaves_equal, train_step
+
+# Steps 1-4: step 2 is the best, 3 the next best, 4 the latest.
+LOSSES = {1: 0.9, 2: 0.5, 3: 0.6, 4: 0.8}
+POLICY = CheckpointPolicy(monitor="val_loss", keep_best=2, keep_latest=1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("saved")
+    state, states = init_state(), {}
+    with CheckpointManager(d, POLICY) as m:
+        for step, loss in LOSSES.items():
+            state = train_step(state)
+            states[step] = jax.device_get(state)
+            m.save(step, state, metrics={"val_loss": loss}, data_state={"batch": step})
+    return d, states
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    """A private copy of the saved directory, to corrupt."""
+    d, states = saved
+    shutil.copytree(d, tmp_path / "c")
+    return tmp_path / "c", states
+
+
+def data_file(step_dir):
+    """The largest array data file of a step (Orbax's OCDBT data)."""
+    files = [p for p in step_dir.glob("state/**/d/*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def snapshot(step_dir):
+    return {str(p.relative_to(step_dir)): p.read_bytes()
+            for p in sorted(step_dir.rglob("*")) if p.is_file()}
+
+
+def flip(path, offset=-20):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def rewrite_manifest(step_dir, step):
+    """A crafted checkpoint: the manifest matches the (tampered) files again."""
+    integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step))
+
+
+# -- the manifest ----------------------------------------------------------------------------
+
+
+def test_manifest_lists_every_file_with_size_and_crc(saved):
+    d, _ = saved
+    step_dir = d / "4"
+    manifest = json.loads((step_dir / "jaxckpt_manifest.json").read_text())
+    assert manifest["format"] == "jaxckpt-manifest/1" and manifest["step"] == 4
+    files = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == files - {"jaxckpt_manifest.json"}
+    assert {"meta/metadata", "data_state/metadata", "_CHECKPOINT_METADATA"} <= files
+    for rel, entry in manifest["files"].items():
+        data = (step_dir / rel).read_bytes()
+        assert entry == {"size": len(data), "crc32": zlib.crc32(data)}, rel
+
+
+def test_manifest_is_computed_in_the_background_after_commit(tmp_path, monkeypatch):
+    seen = []
+    original = integrity.build_manifest
+
+    def recording(step_dir, step):
+        seen.append((threading.current_thread().name, (step_dir / "commit_success.txt").exists()))
+        return original(step_dir, step)
+
+    monkeypatch.setattr(integrity, "build_manifest", recording)
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
+        m.save(1, {"x": np.arange(4.0)})
+        m.save(2, {"x": np.arange(4.0)})
+    assert [name.startswith("jaxckpt") for name, _ in seen] == [True, True]  # the worker
+    assert all(committed for _, committed in seen)  # after Orbax's commit
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.verify() == {1: [], 2: []}
+
+
+def test_later_saves_leave_earlier_manifests_valid(saved):
+    d, _ = saved
+    with CheckpointManager(d, read_only=True) as m:
+        assert m.steps() == [2, 3, 4]
+        assert m.verify() == {2: [], 3: [], 4: []}
+        assert m.verify(checksums=False, strict=True) == {2: [], 3: [], 4: []}
+
+
+# -- each corruption is named, restore refuses it, "latest" falls back ------------------------
+
+CORRUPTIONS = {
+    # name: (how to corrupt the step dir, what verify must say, found by sizes alone?)
+    "truncated data file": (lambda s: os.truncate(data_file(s), data_file(s).stat().st_size // 2),
+                            r"state/(\S*/)?d/\w+: size \d+ bytes, manifest says \d+", True),
+    "flipped bytes in data file": (lambda s: flip(data_file(s)),
+                                   r"state/(\S*/)?d/\w+: checksum mismatch", False),
+    "deleted data file": (lambda s: data_file(s).unlink(), r"state/(\S*/)?d/\w+: missing", True),
+    "flipped byte in Orbax metadata": (lambda s: flip(s / "_CHECKPOINT_METADATA", 5),
+                                       r"_CHECKPOINT_METADATA: checksum mismatch", False),
+    "garbage manifest": (lambda s: (s / "jaxckpt_manifest.json").write_text("{\"files\": [1,"),
+                         r"jaxckpt_manifest.json: not JSON", True),
+    "manifest of wrong schema": (
+        lambda s: (s / "jaxckpt_manifest.json").write_text(json.dumps(
+            {"format": "jaxckpt-manifest/1", "step": 4, "algorithm": "crc32", "files": []})),
+        r"jaxckpt_manifest.json: 'files' must be a non-empty object", True),
+    "manifest of another step": (
+        lambda s: (s / "jaxckpt_manifest.json").write_text(
+            (s / "jaxckpt_manifest.json").read_text().replace('"step": 4', '"step": 3')),
+        r"jaxckpt_manifest.json: step is 3, expected 4", True),
+    "garbage meta JSON": (lambda s: (s / "meta" / "metadata").write_text("{'not': json"),
+                          r"meta/metadata: not readable JSON", True),
+    "meta of wrong schema (manifest rewritten)": (
+        lambda s: ((s / "meta" / "metadata").write_text(json.dumps(
+            {"format": "jaxckpt/1", "step": "4", "metrics": {"val_loss": "low"}})),
+            rewrite_manifest(s, 4)),
+        r"meta/metadata: step is '4', expected 4.*meta/metadata: metrics \['val_loss'\] are "
+        r"not numbers", True),
+    "garbage data_state": (lambda s: (s / "data_state" / "metadata").write_bytes(b"\xff\xfe"),
+                           r"data_state/metadata: not readable JSON", True),
+    "data_state of wrong schema (manifest rewritten)": (
+        lambda s: ((s / "data_state" / "metadata").write_text('{"__bytes_b64__": "%%%"}'),
+                   rewrite_manifest(s, 4)),
+        r"data_state/metadata: '__bytes_b64__' is not base64", True),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corrupt_latest_is_named_refused_and_skipped(ckpt, name):
+    d, states = ckpt
+    corrupt, problem, by_size = CORRUPTIONS[name]
+    corrupt(d / "4")
+    before = snapshot(d / "4")
+    with CheckpointManager(d, read_only=True) as m:
+        report = m.verify()
+        assert set(report) == {2, 3, 4} and report[2] == report[3] == []
+        assert re.search(problem, "; ".join(report[4]), re.S), report[4]
+    with CheckpointManager(d, read_only=True) as m:
+        assert (4 not in m.steps()) == by_size  # sizes are checked when a manager opens
+        with pytest.raises(jaxckpt.CheckpointCorruptError, match=r"checkpoint 4 .* corrupt") as e:
+            m.restore(4)
+        assert re.search(problem, str(e.value), re.S)
+        assert m.steps() == [2, 3] and m.best_step == 2
+    with CheckpointManager(d, read_only=True) as m:
+        with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[4\].*step 3"):
+            latest = m.restore_checkpoint("latest", target=init_state())
+        assert latest.step == 3 and latest.data_state == {"batch": 3}
+        assert leaves_equal(latest.state, states[3])
+    assert snapshot(d / "4") == before  # never modified, never deleted
+
+
+def test_corrupt_best_is_never_best_and_never_deleted(ckpt):
+    d, states = ckpt
+    flip(data_file(d / "2"))
+    before = snapshot(d / "2")
+    with CheckpointManager(d, POLICY) as m:
+        assert m.best_step == 2  # a flipped byte is invisible to sizes
+        with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[2\].*step 3, "
+                                             r"the best checkpoint that verifies"):
+            best = m.restore("best", target=init_state())
+        assert leaves_equal(best, states[3])
+        assert (m.best_step, m.steps()) == (3, [3, 4])
+        # Steps 5-7 are worse than 0.5: with 2 corrupt, they may join the best-2.
+        with pytest.warns(UserWarning, match=r"moved corrupt checkpoint 2 .*not deleted"):
+            m.save(5, init_state(), metrics={"val_loss": 0.55})
+        m.save(6, init_state(), metrics={"val_loss": 0.7})
+        m.save(7, init_state(), metrics={"val_loss": 0.65})
+        assert (m.best_step, m.steps()) == (5, [3, 5, 7])
+    moved = list((d / "jaxckpt-corrupt").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == ["2"]
+    assert snapshot(moved[0]) == before
+    with CheckpointManager(d, read_only=True) as m:  # a new process knows nothing else
+        assert (m.best_step, m.steps()) == (5, [3, 5, 7])
+        assert m.verify() == {3: [], 5: [], 7: []}
+
+
+def test_resumed_run_saves_over_the_steps_of_a_corrupt_checkpoint(ckpt):
+    """Resume falls back from corrupt 4 to 3, redoes step 4 and saves it again."""
+    d, states = ckpt
+    os.truncate(data_file(d / "4"), 10)
+    with pytest.warns(UserWarning, match=r"checkpoint 4 .* corrupt .*set aside"):
+        m = CheckpointManager(d, POLICY)
+    with m:
+        assert m.latest_step == 3
+        resumed = m.restore("latest", target=init_state())
+        again = train_step(resumed)
+        with pytest.warns(UserWarning, match=r"moved corrupt checkpoint 4 .*/jaxckpt-corrupt/4-"):
+            m.save(4, again, metrics={"val_loss": 0.8})
+        assert m.steps() == [2, 3, 4]
+    with CheckpointManager(d, read_only=True) as m:
+        assert m.verify() == {2: [], 3: [], 4: []}
+        assert leaves_equal(m.restore(4, target=init_state()), states[4])  # bit for bit
+
+
+def test_every_checkpoint_corrupt(ckpt):
+    d, _ = ckpt
+    for step in (2, 3, 4):
+        flip(data_file(d / str(step)))
+    with CheckpointManager(d, read_only=True) as m:
+        with pytest.raises(jaxckpt.CheckpointCorruptError) as e:
+            m.restore("latest")
+    msg = str(e.value)
+    assert all(f"step {s}: state/" in msg for s in (2, 3, 4)) and "None was modified" in msg
+
+
+def test_missing_manifest_is_unverified_but_usable(ckpt):
+    """What a writer killed between Orbax's commit and the manifest leaves behind."""
+    d, states = ckpt
+    (d / "4" / "jaxckpt_manifest.json").unlink()
+    with CheckpointManager(d, read_only=True) as m:
+        assert m.steps() == [2, 3, 4]
+        with pytest.warns(UserWarning, match=r"\[4\] .* no manifest: unverified but usable"):
+            assert m.verify() == {2: [], 3: [], 4: []}
+        assert m.verify(4, strict=True) == {4: [integrity.UNVERIFIED]}
+        with pytest.warns(UserWarning, match="checkpoint 4 .* no manifest .* unverified"):
+            assert leaves_equal(m.restore("latest", target=init_state()), states[4])
+
+
+def test_verify_unknown_step(saved):
+    d, _ = saved
+    with CheckpointManager(d, read_only=True) as m:
+        with pytest.raises(jaxckpt.CheckpointNotFoundError, match=r"step 9.*\[2, 3, 4\]"):
+            m.verify(9)
+
+
+# -- paths in a manifest never lead outside the checkpoint -------------------------------------
+
+
+@pytest.mark.parametrize("path, why", [
+    ("../../jaxckpt.json", "'..'"),
+    ("/etc/passwd", "an absolute path"),
+    ("state/../../../x", "'..'"),
+    ("state//d", "empty components"),
+    ("state\\..\\x", "not a plain POSIX path"),
+    ("C:/x", "not a plain POSIX path"),
+    ("", "not a non-empty string"),
+])
+def test_manifest_paths_outside_the_checkpoint_are_rejected(ckpt, path, why):
+    d, _ = ckpt
+    manifest_file = d / "4" / "jaxckpt_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"][path] = {"size": 1, "crc32": 0}
+    manifest_file.write_text(json.dumps(manifest))
+    with CheckpointManager(d, read_only=True) as m:
+        problems = m.verify(4)[4]
+    assert any(why in p and "outside the checkpoint directory" in p for p in problems), problems
+
+
+def test_symlink_out_of_the_checkpoint_is_rejected(ckpt, tmp_path):
+    d, _ = ckpt
+    target = data_file(d / "4")
+    outside = tmp_path / "outside"
+    outside.write_bytes(target.read_bytes())  # same size and checksum
+    target.unlink()
+    target.symlink_to(outside)
+    with CheckpointManager(d, read_only=True) as m:
+        problems = m.verify(4)[4]
+    assert problems == [f"{target.relative_to(d / '4')}: leads outside the checkpoint "
+                        "directory (a symlink)"]
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ({"format": "jaxckpt/1", "step": 4}, None),
+    ({"format": "jaxckpt/1", "step": 4, "epoch": 2, "metrics": {"a": 1, "b": float("nan")},
+      "time": 1.5, "reason": "due", "future_field": [1]}, None),
+    ([], "not a JSON object"),
+    ({"format": "pickle", "step": 4}, "format is 'pickle'"),
+    ({"format": "jaxckpt/1", "step": 5}, "step is 5, expected 4"),
+    ({"format": "jaxckpt/1", "step": True}, "step is True"),
+    ({"format": "jaxckpt/1", "step": 4, "epoch": 1.5}, "epoch must be an int"),
+    ({"format": "jaxckpt/1", "step": 4, "metrics": [1]}, "metrics must be an object"),
+    ({"format": "jaxckpt/1", "step": 4, "metrics": {"a": True}}, r"metrics \['a'\]"),
+    ({"format": "jaxckpt/1", "step": 4, "time": "now"}, "time must be a number"),
+    ({"format": "jaxckpt/1", "step": 4, "reason": 3}, "reason must be a string"),
+])
+def test_meta_schema(meta, problem):
+    problems = integrity.validate_meta(meta, 4)
+    if problem is None:
+        assert problems == []
+    else:
+        assert any(re.search(problem, p) for p in problems), problems
+
+
+@pytest.mark.parametrize("stored, ok", [
+    ({"value": {"a": [1, 2]}}, True), ({"value": None}, True),
+    ({"__bytes_b64__": "AGdyYWlu/w=="}, True), ({"__bytes_b64__": "***"}, False),
+    ({"__bytes_b64__": 3}, False), ({}, False), ({"value": 1, "x": 2}, False), ("x", False),
+])
+def test_data_state_schema(stored, ok):
+    assert (integrity.validate_data_state(stored) == []) == ok
+
+
+# -- no pickle anywhere ----------------------------------------------------------------------
+
+PACKAGE = pathlib.Path(jaxckpt.__file__).parent
+FORBIDDEN = re.compile(r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|joblib|shelve|marshal)\b"
+                       r"|allow_pickle\s*=\s*True|\bpickle\.loads?\(|__reduce__",
+                       re.M)
+
+
+def test_no_pickle_in_the_package():
+    sources = sorted(PACKAGE.rglob("*.py"))
+    assert len(sources) >= 8
+    offenders = {str(p.relative_to(PACKAGE)): FORBIDDEN.findall(p.read_text())
+                 for p in sources}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_restore_runs_no_unpickling(saved, monkeypatch):
+    """Restoring works with every unpickling entry point disabled (Orbax's path included)."""
+    d, states = saved
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load tried to unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    real_np_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, allow_pickle=False, **k: refuse() if allow_pickle
+                        else real_np_load(*a, allow_pickle=False, **k))
+    with CheckpointManager(d, read_only=True) as m:
+        ckpt = m.restore_checkpoint("best", target=init_state())
+        assert leaves_equal(ckpt.state, states[2]) and ckpt.data_state == {"batch": 2}
+        assert leaves_equal(m.restore(4)["params"], states[4].params)
+        assert m.verify()[4] == []
