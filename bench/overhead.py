@@ -23,8 +23,9 @@ donates the state, and measures in the same run:
   ÷ the disk's sequential write bandwidth, measured here with fsync.
 * ``restore_over_disk``: bytes/s of a cold restore ÷ the disk's cold sequential read
   bandwidth; "cold" = the files' pages evicted with ``posix_fadvise(DONTNEED)``.
-* ``peak_ram_over_state``: peak host RSS during the save blocks minus the RSS of the same
-  training loop before any save, ÷ state bytes (RSS sampled every 2 ms in a thread).
+* ``peak_ram_over_state``: peak host RSS during the process's first save (training goes on
+  meanwhile) minus the RSS of the same loop just before, ÷ state bytes: what checkpointing
+  adds to a run's peak memory. RSS is sampled every 2 ms in a thread.
 
 plus synchronous saves, p50/p95 blocking, the step after a save, and the raw figures. An
 ``every="auto"`` run checks that the interval the manager picks holds its overhead budget,
@@ -103,7 +104,7 @@ class RssSampler:
     def peak(self, start: float, end: float) -> int:
         with self._lock:
             inside = [rss for t, rss in self._samples if start <= t <= end]
-        return max(inside + [self.now()])
+        return max(inside) if inside else self.now()
 
     def close(self) -> None:
         self._stop.set()
@@ -387,6 +388,7 @@ def _run_size(cfg: dict) -> dict:
     for i in range(2):
         _emit(f"persist {i + 1}/2")
         for kind in ("jaxckpt", "orbax"):
+            run(1)  # fresh buffers: on GPU a second save would reuse the cached host copy
             t = time.perf_counter()
             save(kind)
             finish(kind)
@@ -500,7 +502,8 @@ def _run_size(cfg: dict) -> dict:
         "orbax_throughput_ratio": orbax_sps / base_sps,
         "throughput_ratio_per_round": per_round,
         "save_cost_training_s": save_cost,
-        "interval_for_0.97_s": save_cost / 0.03 if save_cost > 0 else 0.0,
+        # None when noise made the periods with a save no slower than those without.
+        "interval_for_0.97_s": save_cost / 0.03 if save_cost > 0 else None,
         "period_s": {k: [b["s"] for b in v] for k, v in blocks.items()},
         "period_cpu_s": {k: [b["cpu_s"] for b in v] for k, v in blocks.items()},
         "save_cpu_s": med(b["cpu_s"] for b in blocks["jaxckpt"]) - med(
@@ -621,9 +624,10 @@ def _run_auto(cfg: dict) -> dict:
     t = time.perf_counter()
     run(window)
     base2 = time.perf_counter() - t
+    from etils import epath
     stored = {}
-    history_file = Path(base) / jaxckpt.manager.HISTORY_FILE
-    if history_file.exists():
+    history_file = epath.Path(base) / jaxckpt.manager.HISTORY_FILE
+    if history_file.exists():  # the manager's own record of its cost estimate
         stored = json.loads(history_file.read_text())
     mngr.close()
     shutil.rmtree(base, ignore_errors=True) if not _is_url(cfg["dir"]) else None
@@ -812,7 +816,7 @@ def _cpu_pressure() -> str | None:
 
 def _units(cfg: dict) -> int:
     if cfg["job"] == "size":
-        return 11 + 3 * cfg["rounds"]
+        return 10 + 3 * cfg["rounds"]
     if cfg["job"] == "auto":
         return 6
     return 4
@@ -863,112 +867,163 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
-def _tables(result: dict, console) -> None:
-    from rich.table import Table
-
+def _report(result: dict) -> list[dict]:
+    """The results as plain tables (title, columns, rows; ``ok`` marks a met target),
+    rendered by rich on the terminal and as Markdown for bench/README.md."""
+    tables = []
     sizes = [s for s in result["sizes"] if "ratios" in s]
+    ms = lambda x: f"{1e3 * x:.1f} ms"  # noqa: E731
+    gbs = lambda x: f"{x / 1e9:.2f} GB/s"  # noqa: E731
     if sizes:
-        t = Table(title="checkpoint overhead: ratios (target on CPU)")
-        t.add_column("ratio")
-        t.add_column("target")
-        for s in sizes:
-            t.add_column(_fmt_bytes(s["state_bytes"]), justify="right")
+        columns = ["ratio", "target"] + [_fmt_bytes(s["state_bytes"]) for s in sizes]
+        rows, ok = [], []
         for key, (op, target) in TARGETS.items():
-            cells = []
-            for s in sizes:
-                v = s["ratios"][key]
-                ok = v >= target if op == ">=" else v <= target
-                cells.append(f"[{'green' if ok else 'red'}]{v:.3f}[/]")
-            t.add_row(key, f"{op} {target}", *cells)
-        console.print(t)
+            values = [s["ratios"][key] for s in sizes]
+            rows.append([key, f"{op} {target}"] + [f"{v:.3f}" for v in values])
+            ok.append([None, None] + [v >= target if op == ">=" else v <= target
+                                      for v in values])
+        tables.append({"title": "ratios (targets are for CPU)", "columns": columns,
+                       "rows": rows, "ok": ok})
 
-        r = Table(title="raw figures")
-        r.add_column("figure")
-        for s in sizes:
-            r.add_column(_fmt_bytes(s["state_bytes"]), justify="right")
+        raw = []
 
         def row(name, fn):
-            r.add_row(name, *[fn(s["raw"], s) for s in sizes])
+            raw.append([name] + [fn(s["raw"]) for s in sizes])
 
-        ms = lambda x: f"{1e3 * x:.1f} ms"  # noqa: E731
-        gbs = lambda x: f"{x / 1e9:.2f} GB/s"  # noqa: E731
-        row("layers x width, batch", lambda w, s: f"{w['model']['layers']} x "
+        row("layers x width, batch rows", lambda w: f"{w['model']['layers']} x "
             f"{w['model']['width']}, {w['model']['batch']}")
-        row("step time", lambda w, s: ms(w["step_s"]))
-        row("save every K steps (interval)", lambda w, s: f"{w['save_every_steps']} "
+        row("step time", lambda w: ms(w["step_s"]))
+        row("save every K steps (interval)", lambda w: f"{w['save_every_steps']} "
             f"({w['save_interval_s']:.1f} s)")
-        row("steps/s none | jaxckpt | orbax", lambda w, s: " | ".join(
+        row("steps/s: none / jaxckpt / orbax", lambda w: " / ".join(
             f"{v:.2f}" for v in w["steps_per_s"].values()))
-        row("raw Orbax throughput ratio", lambda w, s: f"{w['orbax_throughput_ratio']:.3f}")
-        row("training time lost per save", lambda w, s: ms(w["save_cost_training_s"]))
-        row("CPU s per save jaxckpt | orbax", lambda w, s: (
-            f"{w['save_cpu_s']:.2f} | {w['orbax_save_cpu_s']:.2f}"))
-        row("interval for ratio 0.97", lambda w, s: f"{w['interval_for_0.97_s']:.0f} s")
+        row("throughput ratio per round", lambda w: " ".join(
+            f"{v:.2f}" for v in w["throughput_ratio_per_round"]))
+        row("raw Orbax throughput ratio", lambda w: f"{w['orbax_throughput_ratio']:.3f}")
+        row("training time lost per save", lambda w: ms(w["save_cost_training_s"]))
+        row("interval for ratio 0.97", lambda w: "-" if w["interval_for_0.97_s"] is None
+            else f"{w['interval_for_0.97_s']:.0f} s")
+        row("CPU s per save: jaxckpt / orbax", lambda w: (
+            f"{w['save_cpu_s']:.2f} / {w['orbax_save_cpu_s']:.2f}"))
         for kind in ("jaxckpt", "orbax"):
-            row(f"{kind} async blocking p50/p95", lambda w, s, k=kind: (
+            row(f"{kind} async save() blocks p50 / p95", lambda w, k=kind: (
                 f"{ms(w['save_blocking_s'][k]['p50'])} / {ms(w['save_blocking_s'][k]['p95'])}"))
-        row("sync save blocking p50", lambda w, s: ms(w["sync_save_blocking_s"]["p50"]))
-        row("step after save none|jaxckpt|orbax", lambda w, s: " | ".join(
+        row("sync save() blocks p50", lambda w: ms(w["sync_save_blocking_s"]["p50"]))
+        row("step after save: none / jaxckpt / orbax", lambda w: " / ".join(
             ms(v) for v in w["first_step_after_save_s"].values()))
-        row("d2h numpy copy p50 (first)", lambda w, s: (
+        row("d2h floor: np.array copy p50 (first)", lambda w: (
             f"{ms(w['d2h_s']['numpy_copy_p50'])} ({ms(w['d2h_s']['numpy_copy_all'][0])})"))
-        row("jax.device_get p50", lambda w, s: ms(w["d2h_s"]["device_get_p50"]))
-        row("idle write jaxckpt | orbax", lambda w, s: (
-            f"{gbs(w['persist_Bps'])} | {gbs(w['orbax_persist_Bps'])}"))
-        row("disk write (fsync) | cold read", lambda w, s: (
-            f"{gbs(w['disk']['write_Bps'])} | {gbs(w['disk']['read_Bps'])}"))
-        row("cold restore jaxckpt | orbax", lambda w, s: (
-            f"{gbs(w['restore_Bps'])} | {gbs(w['orbax_restore_Bps'])}"))
-        row("cold verify (CRC) | exact", lambda w, s: (
-            f"{ms(w['verify_cold_s']) if w['verify_cold_s'] is not None else '-'} | "
-            f"{w['restore_exact']}"))
-        row("bytes on disk", lambda w, s: _fmt_bytes(w["bytes_on_disk"]))
-        row("first save: peak extra RSS", lambda w, s: _fmt_bytes(
+        row("jax.device_get p50", lambda w: ms(w["d2h_s"]["device_get_p50"]))
+        row("idle full write: jaxckpt / orbax", lambda w: (
+            f"{gbs(w['persist_Bps'])} / {gbs(w['orbax_persist_Bps'])}"))
+        row("disk: write+fsync / cold read", lambda w: (
+            f"{gbs(w['disk']['write_Bps'])} / {gbs(w['disk']['read_Bps'])}"))
+        row("cold restore: jaxckpt / orbax", lambda w: (
+            f"{gbs(w['restore_Bps'])} / {gbs(w['orbax_restore_Bps'])}"))
+        row("cold verify (CRC-32 of all files)", lambda w: (
+            ms(w["verify_cold_s"]) if w["verify_cold_s"] is not None else "-"))
+        row("restored bit-exact", lambda w: str(w["restore_exact"]))
+        row("bytes on disk", lambda w: _fmt_bytes(w["bytes_on_disk"]))
+        row("first save: peak extra RSS", lambda w: _fmt_bytes(
             w["first_save_peak_extra_rss_bytes"]))
-        row("later saves: extra RSS jaxckpt|orbax", lambda w, s: (
-            f"{_fmt_bytes(max(w['per_save_transient_rss_bytes']['jaxckpt']))} | "
+        row("later saves: extra RSS jaxckpt / orbax", lambda w: (
+            f"{_fmt_bytes(max(w['per_save_transient_rss_bytes']['jaxckpt']))} / "
             f"{_fmt_bytes(max(w['per_save_transient_rss_bytes']['orbax']))}"))
-        console.print(r)
+        tables.append({"title": "raw figures", "rows": raw,
+                       "columns": ["figure"] + [_fmt_bytes(s["state_bytes"]) for s in sizes]})
 
     auto = result.get("auto")
     if auto and "error" not in auto:
-        a = Table(title=f"every='auto' ({_fmt_bytes(auto['state_bytes'])} state)")
-        for c in ("budget", "every_n_steps chosen -> final", "save cost estimate",
-                  "saves in window (expected)", "measured overhead", "held"):
-            a.add_column(c, justify="right")
         lo, hi = auto["expected_window_saves"]
         cost = auto["save_cost_s_estimate"]
-        a.add_row(f"{auto['overhead_budget']:.1%}",
-                  f"{auto['chosen_every_n_steps']} -> {auto['final_every_n_steps']}",
-                  f"{cost:.2f} s" if cost is not None else "-",
-                  f"{auto['window_saves']} ({lo}-{hi})" if lo != hi else
-                  f"{auto['window_saves']} ({lo})",
-                  f"{auto['measured_overhead']:.1%}",
-                  "[green]yes[/]" if auto["budget_held"] else "[red]no[/]")
-        console.print(a)
+        cal = auto["calibration"]
+        tables.append({
+            "title": f"every='auto' ({_fmt_bytes(auto['state_bytes'])} state, step "
+                     f"{ms(auto['step_s'])})",
+            "columns": ["budget", "every_n_steps: first, settled -> end", "save cost estimate",
+                        "saves in window (expected)", "measured overhead", "held"],
+            "rows": [[f"{auto['overhead_budget']:.1%}",
+                      f"{cal['first_every_n_steps']}, {auto['chosen_every_n_steps']} -> "
+                      f"{auto['final_every_n_steps']}",
+                      f"{cost:.2f} s" if cost is not None else "-",
+                      f"{auto['window_saves']} ({lo}-{hi})" if lo != hi else
+                      f"{auto['window_saves']} ({lo})",
+                      f"{auto['measured_overhead']:.1%}",
+                      "yes" if auto["budget_held"] else "no"]],
+            "ok": [[None] * 5 + [auto["budget_held"]]]})
     tuning = result.get("tuning")
     if tuning:
-        u = Table(title=f"Orbax storage options ({_fmt_bytes(tuning['state_bytes'])} state, "
-                        "raw Orbax, a fresh process each)")
-        for c in ("variant", "first save: peak extra RSS", "step after save", "idle write",
-                  "CPU s / write", "on disk", "cold restore"):
-            u.add_column(c, justify="right" if c != "variant" else "left")
+        rows = []
         for name, v in tuning["variants"].items():
             if "error" in v:
-                u.add_row(name, "[red]failed[/]", *[""] * 5)
+                rows.append([name, "failed"] + [""] * 5)
                 continue
-            u.add_row(name, f"{v['first_save_peak_ram_over_state']:.2f} x state",
-                      f"{1e3 * v['first_step_after_save_s']:.0f} ms (step {1e3 * v['step_s']:.0f})",
-                      f"{v['persist_s']:.2f} s", f"{v['cpu_s']:.2f}",
-                      _fmt_bytes(v["bytes_on_disk"]),
-                      f"{v['cold_restore_s']:.2f} s ({v['restore_Bps'] / 1e9:.2f} GB/s)")
-        console.print(u)
-    tuned = (tuning or {}).get("variants", {})
-    for name, job in [("auto", auto)] + [(f"tuning {k}", v) for k, v in tuned.items()] + [
+            rows.append([name, f"{v['first_save_peak_ram_over_state']:.2f} x state",
+                         f"{ms(v['first_step_after_save_s'])} (step {ms(v['step_s'])})",
+                         f"{v['persist_s']:.2f} s ({gbs(v['persist_Bps'])})",
+                         f"{v['cpu_s']:.2f}", _fmt_bytes(v["bytes_on_disk"]),
+                         f"{v['cold_restore_s']:.2f} s ({gbs(v['restore_Bps'])})"])
+        tables.append({
+            "title": f"Orbax storage options ({_fmt_bytes(tuning.get('state_bytes'))} state; "
+                     "raw Orbax, a fresh process each)",
+            "columns": ["variant", "first save: peak extra RSS", "step after save",
+                        "idle full write", "CPU s / write", "on disk", "cold restore"],
+            "rows": rows})
+    return tables
+
+
+def _print_tables(result: dict, console) -> None:
+    from rich.table import Table
+
+    for spec in _report(result):
+        t = Table(title=spec["title"])
+        for i, c in enumerate(spec["columns"]):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        oks = spec.get("ok") or [[None] * len(r) for r in spec["rows"]]
+        for r, ok in zip(spec["rows"], oks):
+            t.add_row(*[c if o is None else f"[{'green' if o else 'red'}]{c}[/]"
+                        for c, o in zip(r, ok)])
+        console.print(t)
+    tuned = (result.get("tuning") or {}).get("variants", {})
+    for name, job in [("auto", result.get("auto"))] + [
+            (f"tuning {k}", v) for k, v in tuned.items()] + [
             (f"size {s.get('size_mb')}", s) for s in result["sizes"]]:
         if job and "error" in job:
             console.print(f"[red]{name} failed ({job['error']}):[/]\n" + "\n".join(
                 job.get("log_tail", [])))
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown: the machine, the command, then every table."""
+    m = result["machine"]
+    dev = next((s.get("device") for s in result["sizes"] if s.get("device")), None) or {}
+    disk = m.get("disk") or {}
+    lines = [
+        f"`{result['command']}` — {result['started']}, {result['elapsed_s']:.0f} s",
+        "",
+        f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), "
+        f"{_fmt_bytes(m['ram_bytes'])} RAM; device {dev.get('kind', '?')} "
+        f"({dev.get('platform', '?')}); jax {dev.get('jax', '?')}, orbax-checkpoint "
+        f"{dev.get('orbax_checkpoint', '?')}, tensorstore {dev.get('tensorstore', '?')}",
+        f"- disk: {disk.get('device', '?')} {disk.get('fstype', '')} "
+        f"{_fmt_bytes(disk.get('total_bytes'))}" if disk else f"- storage: {m['dir']}",
+        f"- load average at start / end: {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'])}"
+        f" / {', '.join(f'{x:.2f}' for x in m.get('load_avg_at_end', []))}; CPU pressure at "
+        f"start: `{m.get('cpu_pressure_at_start')}`",
+        "",
+    ]
+    for spec in _report(result):
+        lines += [f"**{spec['title']}**", "",
+                  "| " + " | ".join(spec["columns"]) + " |",
+                  "|" + "|".join("---" if i == 0 else "---:"
+                                 for i in range(len(spec["columns"]))) + "|"]
+        oks = spec.get("ok") or [[None] * len(r) for r in spec["rows"]]
+        for r, ok in zip(spec["rows"], oks):
+            lines.append("| " + " | ".join(
+                c if o is None else (f"{c} ✓" if o else f"**{c}** ✗")
+                for c, o in zip(r, ok)) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -977,6 +1032,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"smaller sizes and shorter blocks (sizes {QUICK['sizes']} MiB)")
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
+    p.add_argument("--markdown", metavar="PATH",
+                   help="write the tables as Markdown (as in bench/README.md)")
     p.add_argument("--sizes", type=float, nargs="+", metavar="MiB",
                    help=f"train-state sizes in MiB, params + Adam (default {FULL['sizes']})")
     p.add_argument("--dir", default=None,
@@ -1003,6 +1060,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-auto", action="store_true", help="skip the every='auto' run")
     p.add_argument("--tuning-size", type=float, default=None, metavar="MiB",
                    help="state size of the Orbax options comparison")
+    p.add_argument("--tuning-variants", type=int, default=None, metavar="N",
+                   help="compare only the first N Orbax variants (default: 3 with --quick, "
+                        f"else all {len(TUNING_VARIANTS)})")
     p.add_argument("--no-tuning", action="store_true", help="skip the Orbax options comparison")
     p.add_argument("--keep-logs", action="store_true", help="keep the subprocess logs")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -1037,7 +1097,8 @@ def main(argv=None) -> int:
     jobs = [dict(common, job="size", size_mb=s, label=f"{s:g} MiB") for s in sizes]
     if not args.no_tuning:
         size = args.tuning_size or (preset["tuning_size"] if not args.sizes else min(sizes))
-        for variant in (QUICK_TUNING if args.quick else TUNING_VARIANTS):
+        variants = QUICK_TUNING if args.quick else list(TUNING_VARIANTS)
+        for variant in variants[:args.tuning_variants or len(variants)]:
             jobs.append(dict(common, job="tuning", size_mb=size, tuning_reps=2, variant=variant,
                              label=f"Orbax {variant}, {size:g} MiB"))
     if not args.no_auto:
@@ -1081,9 +1142,11 @@ def main(argv=None) -> int:
                 else:
                     result[job["job"]] = res
     finally:
-        if own_dir:
-            shutil.rmtree(base, ignore_errors=True)
-        elif not _is_url(base):
+        if _is_url(base):
+            from etils import epath
+            if epath.Path(base).exists():
+                epath.Path(base).rmtree()
+        else:
             shutil.rmtree(base, ignore_errors=True)
     result["elapsed_s"] = time.perf_counter() - start
     result["machine"]["load_avg_at_end"] = os.getloadavg()
@@ -1094,11 +1157,14 @@ def main(argv=None) -> int:
             "budget": result["auto"]["overhead_budget"],
             "measured_overhead": result["auto"]["measured_overhead"],
             "met": result["auto"]["budget_held"]}
-    _tables(result, out_console)
+    _print_tables(result, out_console)
     out_console.print(f"elapsed {result['elapsed_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=_json_default))
         out_console.print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result))
+        out_console.print(f"wrote {args.markdown}")
     def job_result(j):
         if j["job"] == "size":
             return next(s for s in result["sizes"] if s["size_mb"] == j["size_mb"])

@@ -70,7 +70,10 @@ def forget_cached_listings(path: epath.Path) -> None:
     fs.invalidate_cache(str(path))  # the path and its parents
     for cached in list(cache):
         if cached.startswith(key + "/"):
-            cache.pop(cached, None)
+            try:
+                del cache[cached]
+            except KeyError:  # another thread forgot it first
+                pass
 
 
 def _files(step_dir: epath.Path) -> dict[str, int]:

@@ -984,8 +984,14 @@ def _check_directory(path: epath.Path, *, read_only: bool) -> None:
         if not path.exists():
             raise CheckpointDirectoryError(f"checkpoint directory {s} does not exist.")
         return
-    if "://" in s:
-        return  # object stores have no permissions to probe cheaply; Orbax reports them
+    if "://" in s:  # object stores have no permissions to probe cheaply; Orbax reports them
+        bucket = epath.Path("/".join(s.split("/", 3)[:3]))  # gs://bucket
+        if not path.exists() and not bucket.exists():  # else a 404 on the lock's upload URL
+            raise CheckpointDirectoryError(
+                f"bucket {bucket} of checkpoint directory {s} does not exist, or these "
+                f"credentials cannot see it. Create it (gcloud storage buckets create "
+                f"{bucket}), fix the URL, or give this machine's account access to it.")
+        return
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".jaxckpt-probe-{uuid.uuid4().hex}"

@@ -7,7 +7,6 @@ Needs root (``mount``); CI and the development machines run as root.
 """
 
 import contextlib
-import ctypes
 import glob
 import json
 import os
@@ -36,10 +35,17 @@ def big(step, n=2_000_000):
     return np.asarray(jax.random.normal(jax.random.key(step), (n,)))
 
 
-def spawn(code, *args, **kwargs):
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                            env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+@contextlib.contextmanager
+def spawn(code, *args, prefix=()):
+    """A child Python running ``code``; killed (if still running) when the block ends."""
+    with subprocess.Popen([*prefix, sys.executable, "-c", textwrap.dedent(code),
+                           *map(str, args)], env=ENV, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            yield proc
+        finally:
+            proc.kill()
+            proc.communicate()
 
 
 def read_line(proc, prefix, timeout=60):
@@ -93,14 +99,15 @@ KILLED_WRITER = """
 
 
 def test_kill_9_during_async_write_leaves_only_complete_checkpoints(tmp_path):
-    proc = spawn(KILLED_WRITER, tmp_path)
-    read_line(proc, "COMMITTED")
-    # Kill once a write is under way: its data files exist, Orbax has not renamed it yet.
-    while not glob.glob(str(tmp_path / TMP_GLOB / "state" / "**" / "d" / "*"), recursive=True):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with spawn(KILLED_WRITER, tmp_path) as proc:
+        read_line(proc, "COMMITTED")
+        # Kill once a write is under way: its data files exist, Orbax has not renamed it.
+        pattern = str(tmp_path / TMP_GLOB / "state" / "**" / "d" / "*")
+        while not glob.glob(pattern, recursive=True):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     half_written = glob.glob(str(tmp_path / TMP_GLOB))
     assert half_written, os.listdir(tmp_path)
     owner = json.loads((tmp_path / "jaxckpt.lock").read_text())
@@ -139,8 +146,7 @@ HOLDER = """
 
 
 def test_second_run_is_refused_while_the_first_lives(tmp_path):
-    proc = spawn(HOLDER, tmp_path)
-    try:
+    with spawn(HOLDER, tmp_path) as proc:
         read_line(proc, "HOLDING")
         with pytest.raises(jaxckpt.DirectoryLockedError) as err:
             CheckpointManager(tmp_path)
@@ -154,9 +160,6 @@ def test_second_run_is_refused_while_the_first_lives(tmp_path):
         proc.stdin.write("close\n")
         proc.stdin.flush()
         read_line(proc, "CLOSED")
-    finally:
-        proc.kill()
-        proc.wait()
     assert not (tmp_path / "jaxckpt.lock").exists()  # released on close()
     with CheckpointManager(tmp_path) as m:
         m.save(2, {"x": jnp.arange(3.0)})
@@ -293,15 +296,8 @@ def test_read_only_filesystem_then_writable_again(tmp_path):
     restorable(d, {1: np.arange(10.0), 3: np.arange(30.0)})
 
 
-# Root ignores file modes; a child without CAP_DAC_OVERRIDE (and friends) does not.
-_PR_CAPBSET_DROP, _DAC_CAPS = 24, (1, 2, 3)  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
-
-
-def _drop_dac_capabilities():
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in _DAC_CAPS:
-        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+# Root ignores file modes; a root process without CAP_DAC_OVERRIDE (and friends) does not.
+WITHOUT_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
 
 
 PERMISSION_CHILD = """
@@ -334,10 +330,7 @@ def test_permission_denied_then_granted_again(tmp_path):
     d, ro = tmp_path / "ckpt", tmp_path / "ro"
     ro.mkdir(mode=0o555)
     ro.chmod(0o555)
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PERMISSION_CHILD), str(d),
-                             str(ro)], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_drop_dac_capabilities)
-    try:
+    with spawn(PERMISSION_CHILD, d, ro, prefix=WITHOUT_DAC_OVERRIDE) as proc:
         assert "Permission denied" in read_line(proc, "OPEN")
         read_line(proc, "SAVED 1")
         d.chmod(0o555)
@@ -350,8 +343,4 @@ def test_permission_denied_then_granted_again(tmp_path):
         proc.stdin.write("go\n")
         proc.stdin.flush()
         read_line(proc, "SAVED 3")
-    finally:
-        d.chmod(0o755)
-        proc.kill()
-        proc.wait()
     restorable(d, {1: np.arange(10.0), 3: np.arange(30.0)})

@@ -9,8 +9,10 @@ it is never taken for a checkpoint.
 """
 
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -269,7 +271,8 @@ def test_corrupt_object_is_named_skipped_and_moved_aside(gcs, gs_dir, capsys):
         mngr = CheckpointManager(directory, CheckpointPolicy(keep_latest=2))
     with mngr:
         assert mngr.steps() == [1]
-        assert np.array_equal(mngr.restore("latest")["x"], values[1])
+        with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[2\]"):
+            assert np.array_equal(mngr.restore("latest")["x"], values[1])
         with pytest.warns(UserWarning, match="moved corrupt checkpoint 2"):
             mngr.save(2, {"x": values[2]})
     assert {"1", "2", "jaxckpt-corrupt", "jaxckpt.json"} == top_level(gcs, prefix)
@@ -298,24 +301,23 @@ def splits(tmp_path_factory):
     return data.split_dataset(ds, (0.7, 0.15, 0.15), seed=0)
 
 
-def test_trainer_fit_on_gs_stops_resumes_and_matches_an_uninterrupted_run(gcs, gs_dir, splits,
-                                                                          tmp_path):
+def test_trainer_fit_on_gs_stops_resumes_and_matches_an_uninterrupted_run(gcs, gs_dir, splits):
     directory, prefix = gs_dir
     policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1, every_n_steps=10)
 
     def fit(checkpoint, **kwargs):
         trainer = jaxckpt.Trainer(MLP(), optax.adam(1e-3), quiet=True)
         history = trainer.fit(splits["train"], splits["validation"], epochs=3, batch_size=64,
-                              checkpoint=checkpoint, policy=policy, seed=1, **kwargs)
+                              checkpoint=checkpoint, seed=1, **kwargs)
         return trainer, history
 
-    fit(directory, max_steps=45)  # stops mid-epoch 3 (19 steps per epoch)
+    fit(directory, policy=policy, max_steps=45)  # stops mid-epoch 3 (19 steps per epoch)
     with CheckpointManager(directory, read_only=True) as mngr:
         assert mngr.latest_step in (40, 45)
-    resumed, history = fit(directory)
+    resumed, history = fit(directory, policy=policy)
     assert history.events[-1]["event"] == "resume"
     assert [r["epoch"] for r in history.rows] == [1, 2, 3]
-    reference, ref_history = fit(str(tmp_path / "local"))
+    reference, ref_history = fit(None)  # the same run, uninterrupted, no checkpoints
     untimed = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
     assert untimed(history.rows) == untimed(ref_history.rows)
     assert leaves_equal(resumed.state.params, reference.state.params)
@@ -472,3 +474,86 @@ def test_lock_on_gs_refuses_a_second_writer_beats_and_notices_a_takeover(gcs, gs
     assert json.loads(object_text(gcs, lock_name))["run_id"] == "other-run-on-a-tpu-host"
     with CheckpointManager(directory, read_only=True) as reader:
         assert reader.steps() == [1]
+
+
+def test_prune_deletes_from_the_bucket(gcs, gs_dir, capsys):
+    directory, prefix = gs_dir
+    with CheckpointManager(directory, CheckpointPolicy(monitor="loss", keep_best=3,
+                                                       keep_latest=3)) as mngr:
+        for step, loss in enumerate([5.0, 4.0, 3.0, 6.0, 7.0, 8.0, 9.0], start=1):
+            mngr.save(step, {"x": np.full(100, float(step))}, metrics={"loss": loss})
+    assert top_level(gcs, prefix) == {"1", "2", "3", "5", "6", "7", "jaxckpt.json"}
+    assert cli(["prune", directory, "--keep-best", "1", "--keep-latest", "1"]) == 0
+    assert "deleted 4 of 6 checkpoint(s)" in capsys.readouterr().out
+    assert top_level(gcs, prefix) == {"3", "7", "jaxckpt.json"}
+    with CheckpointManager(directory, read_only=True) as mngr:
+        assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (3, 7, [3, 7])
+
+
+# -- one job, two processes (as on a TPU pod): one checkpoint in the bucket ---------------------
+
+TWO_PROCESS_WORKER = """
+    import json, sys
+    from jaxckpt import parallel as par
+    pid, port, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    assert par.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+    import jax, jax.numpy as jnp, jaxckpt
+    mesh = par.make_mesh(fsdp=4)  # 2 devices in each process: params split over all 4
+    state = par.shard_state({"params": {"w": jnp.arange(32.0).reshape(8, 4)},
+                             "opt_state": {"mu": jnp.ones((8, 4))}}, mesh)
+    policy = jaxckpt.CheckpointPolicy(monitor="loss", keep_best=1, keep_latest=1)
+    with jaxckpt.CheckpointManager(directory, policy) as m:  # every process saves
+        for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+            state = jax.tree.map(lambda x: x + 1, state)
+            m.save(step, state, metrics={"loss": loss})
+    target = par.abstract_state(state, par.state_sharding(state, mesh))
+    with jaxckpt.CheckpointManager(directory, read_only=True) as m:
+        best = m.restore("best", target=target)
+        local = [s.data.tolist() for s in best["params"]["w"].addressable_shards]
+        print("RESULT " + json.dumps({"steps": m.steps(), "best": m.best_step,
+                                      "spec": str(best["params"]["w"].sharding.spec),
+                                      "local": local}), flush=True)
+"""
+
+
+def test_two_processes_save_one_checkpoint_to_gs(gcs, gs_dir):
+    directory, prefix = gs_dir
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(TWO_PROCESS_WORKER),
+                               str(i), str(port), directory], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=180)
+            assert proc.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    expected = np.arange(32.0).reshape(8, 4) + 2  # step 2, the best loss
+    for i, out in enumerate(results):
+        assert (out["steps"], out["best"], out["spec"]) == ([2, 3], 2, "P('fsdp', None)")
+        # Each process holds its own rows of the best step: 2 devices x 2 rows.
+        assert np.array_equal(np.concatenate(out["local"]), expected[4 * i:4 * i + 4])
+    objects = gcs.list_objects(f"{prefix}/2/")
+    # Both processes wrote their shards; process 0 wrote the manifest covering them all.
+    assert any("/ocdbt.process_0/" in o for o in objects)
+    assert any("/ocdbt.process_1/" in o for o in objects)
+    with CheckpointManager(directory, read_only=True) as mngr:  # one process reads it all
+        assert mngr.verify() == {2: [], 3: []}
+        assert np.array_equal(mngr.restore("best")["params"]["w"], expected)
+    assert top_level(gcs, prefix) == {"2", "3", "jaxckpt.json"}
+
+
+def test_missing_bucket_is_named_with_the_fix(gcs):
+    with pytest.raises(jaxckpt.CheckpointDirectoryError,
+                       match=r"bucket gs://no-such-bucket-here .* does not exist.*Create it"):
+        CheckpointManager("gs://no-such-bucket-here/run/checkpoints")
+    with pytest.raises(jaxckpt.CheckpointDirectoryError, match="does not exist"):
+        CheckpointManager(gcs.gs(unique("never-written")), read_only=True)
+    assert cli(["ls", "gs://no-such-bucket-here/run"]) == 2
