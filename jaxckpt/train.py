@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import grain
 import jax

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -22,7 +21,6 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 
 def test_emulator_env_and_bucket(gcs):
     assert gcs.alive()
-    assert gcs.startup_s < 10, gcs.startup_s
     for key, value in emulator_env(gcs.url).items():
         assert os.environ[key] == value
     assert os.environ["STORAGE_EMULATOR_HOST"] == gcs.url
@@ -66,7 +64,10 @@ def test_epath_roundtrip(gcs):
     from etils import epath
 
     root = epath.Path(gcs.gs("epath"))
-    t0 = time.perf_counter()
+    # No 60 s gRPC bucket-type probe: gs:// must resolve to gcsfs's plain HTTP filesystem.
+    import fsspec
+    import gcsfs.core
+    assert type(fsspec.filesystem("gs")) is gcsfs.core.GCSFileSystem
     (root / "a.txt").write_text("hello")
     (root / "sub" / "b.txt").write_text("b")
     assert (root / "a.txt").exists()
@@ -81,7 +82,6 @@ def test_epath_roundtrip(gcs):
     root.rmtree()
     assert not root.exists()
     assert gcs.list_objects("epath/") == []
-    assert time.perf_counter() - t0 < 20  # a gRPC bucket-type probe would take 60 s
 
 
 def _tree():
@@ -101,12 +101,10 @@ def test_orbax_async_save_restore(gcs):
     root = gcs.gs("orbax", "run1")
     tree = _tree()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
-    t0 = time.perf_counter()
     with ocp.CheckpointManager(root, options=options) as mngr:
         for step in (1, 2, 3):
             assert mngr.save(step, args=ocp.args.StandardSave(tree))
         mngr.wait_until_finished()
-        save_s = time.perf_counter() - t0
         assert mngr.all_steps() == [2, 3]  # max_to_keep=2 deleted step 1
 
         # Orbax on gs:// does not rename: a step is complete once <step>/commit_success.txt
@@ -121,15 +119,12 @@ def test_orbax_async_save_restore(gcs):
         assert mngr.all_steps() == [2, 3]
         assert mngr.latest_step() == 3
 
-        t1 = time.perf_counter()
         restored = mngr.restore(3, args=ocp.args.StandardRestore(tree))
-        restore_s = time.perf_counter() - t1
     for got, want in zip(
         (restored["w"], restored["opt"]["mu"], restored["opt"]["count"]),
         (tree["w"], tree["opt"]["mu"], tree["opt"]["count"]),
     ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert save_s < 30 and restore_s < 30, (save_s, restore_s)
 
 
 def test_subprocess_inherits_env(gcs):
@@ -153,7 +148,6 @@ def test_subprocess_inherits_env(gcs):
         epath.Path({gcs.gs("child", "done.txt")!r}).write_text("ok")
         """
     )
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", child],
         env=gcs.subprocess_env(),
@@ -163,4 +157,3 @@ def test_subprocess_inherits_env(gcs):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert gcs.list_objects("child/") == ["child/done.txt"]
-    assert time.perf_counter() - t0 < 60
