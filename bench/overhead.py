@@ -20,9 +20,11 @@ donates the state, and measures in the same run:
 * ``policy_over_orbax``: jaxckpt's median blocking per save ÷ that of a raw
   ``orbax.checkpoint.CheckpointManager`` with jaxckpt's own options and handlers.
 * ``persist_over_disk``: bytes/s of a full background write (save, then wait, no training)
-  ÷ the disk's sequential write bandwidth, measured here with fsync.
+  ÷ the disk's sequential write bandwidth (the same bytes to one file, fsync'd), each pair
+  measured back to back so both see the same disk and host load.
 * ``restore_over_disk``: bytes/s of a cold restore ÷ the disk's cold sequential read
-  bandwidth; "cold" = the files' pages evicted with ``posix_fadvise(DONTNEED)``.
+  bandwidth, paired the same way; "cold" = the files' pages evicted with
+  ``posix_fadvise(DONTNEED)`` (no root needed; ``drop_caches`` would hit every process).
 * ``peak_ram_over_state``: peak host RSS during the process's first save (training goes on
   meanwhile) minus the RSS of the same loop just before, ÷ state bytes: what checkpointing
   adds to a run's peak memory. RSS is sampled every 2 ms in a thread.
@@ -62,10 +64,10 @@ TARGETS = {  # ratio: (comparison, target) on CPU
     "peak_ram_over_state": ("<=", 1.2),
 }
 
-QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=5.0, rounds=2, auto_size=32.0,
-             tuning_size=128.0)
-FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=12.0, rounds=2, auto_size=512.0,
-            tuning_size=512.0)
+QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=2, auto_size=32.0,
+             tuning_size=64.0)
+FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=8.0, rounds=2, auto_size=128.0,
+            tuning_size=256.0)
 
 
 # ======================================================================================
@@ -133,59 +135,64 @@ def _tree_bytes(directory: str) -> int | None:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
-def _disk_bandwidth(host_leaves, directory: str, reps: int = 2) -> dict:
-    """Sequential write (with fsync) and cold read bandwidth of ``directory``, in bytes/s.
+_CHUNK = 64 * _MiB
 
-    The bytes written are the state's own (random) bytes, in 64 MiB writes to one file.
-    For a URL (gs://...) one object is written and read back through etils.epath.
+
+def _disk_write(host_leaves, path: str) -> float:
+    """Bytes/s of writing ``host_leaves`` sequentially to one new file, fsync included.
+
+    For a URL (gs://...) the bytes go as one object through etils.epath.
     """
     import numpy as np
-    from etils import epath
 
     flat = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in host_leaves]
     n = sum(x.size for x in flat)
-    chunk = 64 * _MiB
-    writes, reads = [], []
-    for rep in range(reps):
-        if _is_url(directory):
-            blob = b"".join(x.tobytes() for x in flat)
-            path = epath.Path(directory) / f"disk-bandwidth-{rep}.bin"
-            t = time.perf_counter()
-            path.write_bytes(blob)
-            writes.append(n / (time.perf_counter() - t))
-            t = time.perf_counter()
-            _ = path.read_bytes()
-            reads.append(n / (time.perf_counter() - t))
-            path.unlink()
-            continue
-        path = Path(directory) / f"disk-bandwidth-{rep}.bin"
+    if _is_url(path):
+        from etils import epath
+        blob = b"".join(x.tobytes() for x in flat)
         t = time.perf_counter()
-        with open(path, "wb", buffering=0) as f:
-            for x in flat:
-                mv = memoryview(x)
-                for o in range(0, x.size, chunk):
-                    f.write(mv[o:o + chunk])
-            os.fsync(f.fileno())
-        writes.append(n / (time.perf_counter() - t))
-        _drop_page_cache(path)
-        out = np.empty(n, np.uint8)
-        mv = memoryview(out)
+        epath.Path(path).write_bytes(blob)
+        return n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for x in flat:
+            mv = memoryview(x)
+            for o in range(0, x.size, _CHUNK):
+                f.write(mv[o:o + _CHUNK])
+        os.fsync(f.fileno())
+    return n / (time.perf_counter() - t)
+
+
+def _disk_read(path: str) -> float:
+    """Bytes/s of reading a file sequentially with its pages evicted from the cache first."""
+    import numpy as np
+
+    if _is_url(path):
+        from etils import epath
         t = time.perf_counter()
-        with open(path, "rb", buffering=0) as f:
-            o = 0
-            while o < n:
-                got = f.readinto(mv[o:o + chunk])
-                if not got:
-                    break
-                o += got
-        reads.append(n / (time.perf_counter() - t))
-        del out, mv
-        path.unlink()
-    return {"write_Bps": statistics.median(writes), "read_Bps": statistics.median(reads),
-            "write_Bps_all": writes, "read_Bps_all": reads, "bytes": n,
-            "method": ("one object PUT/GET via etils.epath" if _is_url(directory) else
-                       "64 MiB writes to one file + fsync; cold read after "
-                       "posix_fadvise(DONTNEED)")}
+        n = len(epath.Path(path).read_bytes())
+        return n / (time.perf_counter() - t)
+    _drop_page_cache(Path(path))
+    n = os.path.getsize(path)
+    out = np.empty(n, np.uint8)
+    mv = memoryview(out)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        o = 0
+        while o < n:
+            got = f.readinto(mv[o:o + _CHUNK])
+            if not got:
+                break
+            o += got
+    return n / (time.perf_counter() - t)
+
+
+def _remove(path: str) -> None:
+    if _is_url(path):
+        from etils import epath
+        epath.Path(path).unlink()
+    else:
+        os.remove(path)
 
 
 def _model(size_mb: float, layers: int, batch: int):
@@ -383,26 +390,15 @@ def _run_size(cfg: dict) -> dict:
             run(1)
             finish(kind)
 
-    # A full background write with no training to compete with it.
-    persist = {"jaxckpt": [], "orbax": []}
-    for i in range(2):
-        _emit(f"persist {i + 1}/2")
-        for kind in ("jaxckpt", "orbax"):
-            run(1)  # fresh buffers: on GPU a second save would reuse the cached host copy
-            t = time.perf_counter()
-            save(kind)
-            finish(kind)
-            persist[kind].append(time.perf_counter() - t)
-    orbax_step = gstep
-    on_disk = _tree_bytes(f"{base}/jaxckpt/{gstep - every}/state")
-
     _emit("sync saves")
     sync = []
     with jaxckpt.CheckpointManager(f"{base}/sync", policy, async_save=False) as sm:
         for i in range(2):
+            run(1)
             t = time.perf_counter()
             sm.save(gstep + i + 1, state, metrics={"loss": 0.0})
             sync.append(time.perf_counter() - t)
+    gstep += 2
     if local:
         shutil.rmtree(f"{base}/sync", ignore_errors=True)
 
@@ -425,22 +421,40 @@ def _run_size(cfg: dict) -> dict:
         d2h_copy.append(time.perf_counter() - t)
     d2h_floor = med(d2h_copy if on_cpu else d2h_get)
 
-    _emit("disk bandwidth")
-    disk = _disk_bandwidth(host, base)
+    # A full background write with nothing to compete with it, each next to a plain
+    # sequential write of as many bytes, so that both see the same disk and host load.
+    persist = {"jaxckpt": [], "orbax": []}
+    disk_files, disk_write = [], []
+    for i in range(2):
+        _emit(f"writes {i + 1}/2")
+        disk_files.append(f"{base}/disk-bandwidth-{i}.bin")
+        disk_write.append(_disk_write(host, disk_files[-1]))
+        for kind in ("jaxckpt", "orbax"):
+            run(1)  # fresh buffers: on GPU a second save would reuse the cached host copy
+            t = time.perf_counter()
+            save(kind)
+            finish(kind)
+            persist[kind].append(time.perf_counter() - t)
+    orbax_step = gstep
+    on_disk = _tree_bytes(f"{base}/jaxckpt/{gstep - every}/state")
+    del host
 
-    _emit("restore")
-    reference = host  # the state saved next; the steps after the save donate it
+    _emit("reads")
+    run(1)
+    reference = [np.array(x, copy=True) for x in jax.tree.leaves(state)]
     gstep += every
     jm.save(gstep, state, metrics={"loss": 0.0})
-    run(2)
+    run(2)  # they donate the saved buffers: the checkpoint must still hold the old values
     jm.wait()
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
-    step_dir = Path(base) / "jaxckpt" / str(gstep)
-    restore_cold, exact = [], True
-    for _ in range(2):
+    step_dir = f"{base}/jaxckpt/{gstep}"
+    orbax_dir = f"{base}/orbax/{orbax_step}"
+    disk_read, restore_cold, orbax_restore_cold, exact = [], [], [], True
+    for path in disk_files:
+        disk_read.append(_disk_read(path))
         if local:
-            _drop_page_cache(step_dir)
+            _drop_page_cache(Path(step_dir))
         t = time.perf_counter()
         restored = jm.restore(gstep, target=target)
         jax.block_until_ready(restored)
@@ -448,22 +462,31 @@ def _run_size(cfg: dict) -> dict:
         exact = exact and all(np.array_equal(np.asarray(a), b)
                               for a, b in zip(jax.tree.leaves(restored), reference))
         del restored
+        if local:
+            _drop_page_cache(Path(orbax_dir))
+        t = time.perf_counter()
+        restored = om.restore(orbax_step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+        jax.block_until_ready(restored)
+        orbax_restore_cold.append(time.perf_counter() - t)
+        del restored
+    for path in disk_files:
+        _remove(path)
     t = time.perf_counter()
     jax.block_until_ready(jm.restore(gstep, target=target))
     restore_warm = time.perf_counter() - t
     verify_cold = None
     if local:
-        _drop_page_cache(step_dir)
+        _drop_page_cache(Path(step_dir))
         t = time.perf_counter()
         jm.verify(gstep)
         verify_cold = time.perf_counter() - t
-        _drop_page_cache(Path(base) / "orbax" / str(orbax_step))
-    t = time.perf_counter()
-    restored = om.restore(orbax_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
-    jax.block_until_ready(restored)
-    orbax_restore_cold = time.perf_counter() - t
-    del restored, host, reference
+    disk = {"write_Bps": med(disk_write), "read_Bps": med(disk_read),
+            "write_Bps_all": disk_write, "read_Bps_all": disk_read, "bytes": state_bytes,
+            "method": ("one object PUT / GET via etils.epath" if not local else
+                       "the state's bytes in 64 MiB writes to one file, then fsync; read in "
+                       "64 MiB reads after posix_fadvise(DONTNEED) evicted its pages")}
+    del reference
     jm.close()
     om.close()
     rss.close()
@@ -532,7 +555,7 @@ def _run_size(cfg: dict) -> dict:
         "restore_exact": exact,
         "verify_cold_s": verify_cold,
         "orbax_restore_cold_s": orbax_restore_cold,
-        "orbax_restore_Bps": state_bytes / orbax_restore_cold,
+        "orbax_restore_Bps": state_bytes / med(orbax_restore_cold),
         "rss_train_bytes": rss_train,
         "first_save_peak_extra_rss_bytes": first_extra,
         "first_save_period_s": first_save["s"],
@@ -816,7 +839,7 @@ def _cpu_pressure() -> str | None:
 
 def _units(cfg: dict) -> int:
     if cfg["job"] == "size":
-        return 10 + 3 * cfg["rounds"]
+        return 9 + 3 * cfg["rounds"]
     if cfg["job"] == "auto":
         return 6
     return 4
@@ -1129,7 +1152,9 @@ def main(argv=None) -> int:
             tasks = [progress.add_task(j["label"], total=_units(j), start=False) for j in jobs]
             for job, task in zip(jobs, tasks):
                 progress.start_task(task)
+                t_job = time.perf_counter()
                 res = _run_child(job, progress, task, work / f"{Path(job['out']).stem}.log")
+                res["job_elapsed_s"] = time.perf_counter() - t_job
                 if job["job"] == "size":
                     result["sizes"].append(res if "error" not in res else
                                            {"size_mb": job["size_mb"], **res})

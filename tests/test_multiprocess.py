@@ -1,0 +1,228 @@
+"""Two real JAX processes (2 CPU devices each, 4 global, gloo collectives) train an MLP
+with FSDP-sharded parameters and optimizer state and checkpoint it. Both are killed with
+SIGKILL mid-run (right after an async save started), restarted, and resume; the run ends
+bit for bit where an uninterrupted two-process run ends. The checkpoint then restores in
+this single process: on one device, without and with a target, and onto a 1x4 FSDP mesh.
+
+This file is also the worker script: ``python test_multiprocess.py PROCESS_ID PORT DIR MODE``.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jaxckpt  # noqa: E402
+from jaxckpt import parallel as par  # noqa: E402
+
+STEPS, EVERY, KILL_AFTER = 12, 3, 9
+BATCH, FEATURES, HIDDEN, CLASSES = 16, 8, 32, 4
+TX = optax.adam(1e-2)  # one instance: states built twice must have equal static fields
+
+
+def fresh_state():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"dense": {"kernel": jax.random.normal(k1, (FEATURES, HIDDEN)) * 0.3,
+                        "bias": jnp.zeros((HIDDEN,))},
+              "out": {"kernel": jax.random.normal(k2, (HIDDEN, CLASSES)) * 0.3,
+                      "bias": jnp.zeros((CLASSES,))}}
+    return jaxckpt.TrainState.create(params=params, tx=TX, rng=3)
+
+
+def loss_fn(params, batch, rng, state):
+    h = jax.nn.relu(batch["x"] @ params["dense"]["kernel"] + params["dense"]["bias"])
+    h = h * jax.random.bernoulli(rng, 0.9, h.shape) / 0.9  # dropout: uses the step's key
+    logits = h @ params["out"]["kernel"] + params["out"]["bias"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, {"accuracy": (logits.argmax(-1) == batch["y"]).mean()}
+
+
+def batch(i):
+    data = np.random.default_rng(i)
+    return {"x": data.normal(size=(BATCH, FEATURES)).astype(np.float32),
+            "y": data.integers(0, CLASSES, size=BATCH).astype(np.int32)}
+
+
+def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
+    """Train STEPS steps from the latest checkpoint in ``directory`` (if any), saving every
+    EVERY steps. ``mode="killed"``: after save(KILL_AFTER) returns, report and wait to die."""
+    assert par.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    mesh = par.make_mesh(data=2, fsdp=2)
+    shardings = par.state_sharding(jax.eval_shape(fresh_state), mesh)
+    step_fn = par.make_train_step(loss_fn, mesh, shardings)
+    rows = slice(process_id * BATCH // 2, (process_id + 1) * BATCH // 2)
+    policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
+    with jaxckpt.CheckpointManager(directory, policy) as mngr:
+        start = 0
+        if mngr.latest_step is not None:
+            target = par.abstract_state(jax.eval_shape(fresh_state), shardings)
+            ckpt = mngr.restore_checkpoint("latest", target=target)
+            state, start = ckpt.state, ckpt.data_state["next_batch"]
+            print(f"RESUMED {ckpt.step}", flush=True)
+        else:
+            state = par.shard_state(fresh_state(), mesh)
+        for i in range(start, STEPS):
+            local = {k: v[rows] for k, v in batch(i).items()}
+            state, metrics = step_fn(state, par.shard_batch(local, mesh))
+            mngr.save(i + 1, state, metrics={"loss": float(metrics["loss"])},
+                      data_state={"next_batch": i + 1})
+            if mode == "killed" and i + 1 == KILL_AFTER - 1:
+                print(f"AT {i + 1}", flush=True)
+                sys.stdin.readline()  # the test looks at the lock while the job lives
+            if mode == "killed" and i + 1 == KILL_AFTER:
+                print(f"AT {i + 1}", flush=True)  # its async write is under way: kill me now
+                time.sleep(600)
+    print("DONE", flush=True)
+
+
+# -- the test ------------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(directory, mode):
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    return [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(directory), mode],
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def _finish(procs, timeout=120):
+    """Each process's (stdout, stderr), once all exited successfully."""
+    outs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, stderr[-4000:]
+            outs.append((stdout, stderr))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    return outs
+
+
+def _wait_for(proc, line, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = proc.stdout.readline()
+        if got.strip() == line:
+            return
+        if not got:
+            break
+    proc.kill()
+    raise AssertionError(f"worker never printed {line!r}: {proc.stderr.read()[-4000:]}")
+
+
+def _bitwise_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and
+        np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 2-process run and one killed at step 9 and resumed; both dirs."""
+    if jax.device_count() < 4:
+        raise RuntimeError("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    whole, broken = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("broken")
+    reference = _launch(whole, "whole")  # runs alongside the killed pair
+    killed = _launch(broken, "killed")
+    try:
+        for proc in killed:
+            _wait_for(proc, f"AT {KILL_AFTER - 1}")
+        # While the job lives: process 0 alone holds the lock, and nobody else may write.
+        owner = json.loads((broken / "jaxckpt.lock").read_text())
+        assert owner["pid"] == killed[0].pid
+        with pytest.raises(jaxckpt.DirectoryLockedError, match=f"pid {killed[0].pid}"):
+            jaxckpt.CheckpointManager(broken)
+        for proc in killed:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        _wait_for(killed[0], f"AT {KILL_AFTER}")
+    finally:
+        for proc in killed:
+            proc.send_signal(signal.SIGKILL)
+        for proc in killed:
+            proc.communicate()
+    step_9_committed = (broken / str(KILL_AFTER)).exists()
+    assert step_9_committed or list(broken.glob(f"{KILL_AFTER}.orbax-checkpoint-tmp*"))
+    resumed = _launch(broken, "resume")
+    outs = _finish(resumed) + _finish(reference)
+    assert all(out.strip().endswith("DONE") for out, _ in outs)
+    restarted_from = int(outs[0][0].split("RESUMED ")[1].split()[0])
+    assert restarted_from == (KILL_AFTER if step_9_committed else KILL_AFTER - EVERY)
+    assert f"stale lock {broken / 'jaxckpt.lock'}" in outs[0][1]  # the dead job's lock
+    assert f"pid {killed[0].pid}" in outs[0][1]
+    print(f"killed during the write of step {KILL_AFTER}; resumed from step {restarted_from}")
+    return whole, broken
+
+
+def test_killed_and_resumed_run_ends_bitwise_equal(runs):
+    whole, broken = runs
+    with jaxckpt.CheckpointManager(whole, read_only=True) as a, \
+            jaxckpt.CheckpointManager(broken, read_only=True) as b:
+        assert a.steps() == b.steps() == [9, 12]
+        assert a.verify() == b.verify() == {9: [], 12: []}  # manifests cover both processes
+        assert any("ocdbt.process_1" in p for p in
+                   json.loads((broken / "12" / "jaxckpt_manifest.json").read_text())["files"])
+        assert _bitwise_equal(a.restore(12), b.restore(12))
+        assert a.history() == b.history()  # the same losses, step by step, bit for bit
+        assert [h["step"] for h in b.history()] == list(range(1, STEPS + 1))
+        assert b.restore_data_state(12) == {"next_batch": STEPS}
+    assert not (broken / "jaxckpt.lock").exists()  # the resumed job took it over, released it
+    assert not list(broken.glob("*.orbax-checkpoint-tmp*"))
+
+
+def test_restores_in_one_process_on_one_device_and_on_another_mesh(runs):
+    whole, _ = runs
+    with jaxckpt.CheckpointManager(whole, read_only=True) as m:
+        plain = m.restore(12)  # numpy, whatever wrote it
+        assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(plain))
+        one = m.restore(12, target=fresh_state())  # one device, in the target's containers
+        assert isinstance(one, jaxckpt.TrainState) and int(one.step) == STEPS
+        assert all(len(x.devices()) == 1 for x in jax.tree.leaves(one))
+        assert _bitwise_equal(one.checkpoint_tree(), plain)
+        mesh = par.make_mesh(data=1, fsdp=4)
+        shapes = jax.eval_shape(fresh_state)
+        target = par.abstract_state(shapes, par.state_sharding(shapes, mesh))
+        wide = m.restore(12, target=target)
+    kernel = wide.params["dense"]["kernel"]
+    assert kernel.sharding.spec == P(None, "fsdp") and len(kernel.devices()) == 4
+    assert kernel.addressable_shards[0].data.shape == (FEATURES, HIDDEN // 4)
+    assert _bitwise_equal(wide, one)
+    # And it trains on: one more step on the 1x4 mesh equals one more step on one device.
+    step4 = par.make_train_step(loss_fn, mesh, par.state_sharding(shapes, mesh), donate=False)
+    step1 = par.make_train_step(loss_fn, par.make_mesh(data=1), par.state_sharding(
+        shapes, par.make_mesh(data=1)), donate=False)
+    b = batch(STEPS)
+    after4, _ = step4(wide, par.shard_batch(b, mesh))
+    after1, _ = step1(par.shard_state(one, par.make_mesh(data=1)),
+                      par.shard_batch(b, par.make_mesh(data=1)))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 jax.device_get(after4.params), jax.device_get(after1.params))
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
