@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxckpt import TrainState
+from jaxckpt import CheckpointManager, CheckpointPolicy, TrainState
 
 TUTORIAL_LOSSES = [1.2 - 0.0125 * e for e in range(1, 45)] + [0.61, 0.615, 0.62, 0.625, 0.627,
                                                                0.629]
@@ -46,3 +46,18 @@ def leaves_equal(a, b) -> bool:
     return len(la) == len(lb) and all(
         np.asarray(x).shape == np.asarray(y).shape and np.array_equal(np.asarray(x), np.asarray(y))
         for x, y in zip(la, lb))
+
+
+TUTORIAL = CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1, keep_latest=1)
+
+
+def run_tutorial(directory, async_save=True):
+    """The tutorial's 50 epochs of real Adam updates; returns the state after each epoch."""
+    state, states = init_state(), {}
+    with CheckpointManager(directory, TUTORIAL, async_save=async_save) as mngr:
+        for epoch, val_loss in enumerate(TUTORIAL_LOSSES, start=1):
+            state = train_step(state)
+            states[epoch] = jax.device_get(state)
+            mngr.save(epoch, state, metrics={"val_loss": val_loss, "loss": val_loss + 0.1},
+                      epoch=epoch, data_state={"epoch": epoch})
+    return states

@@ -14,21 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import CheckpointManager, CheckpointPolicy
-from _util import TUTORIAL_LOSSES, init_state, leaves_equal, train_step
+from _util import TUTORIAL, init_state, leaves_equal, run_tutorial, train_step
 
-TUTORIAL = CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1, keep_latest=1)
-
-
-def run_tutorial(directory, async_save=True):
-    """50 epochs of real Adam updates; returns the state after each epoch."""
-    state, states = init_state(), {}
-    with CheckpointManager(directory, TUTORIAL, async_save=async_save) as mngr:
-        for epoch, val_loss in enumerate(TUTORIAL_LOSSES, start=1):
-            state = train_step(state)
-            states[epoch] = jax.device_get(state)
-            mngr.save(epoch, state, metrics={"val_loss": val_loss, "loss": val_loss + 0.1},
-                      epoch=epoch, data_state={"epoch": epoch})
-    return states
 
 
 @pytest.fixture(scope="module")
