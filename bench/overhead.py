@@ -64,10 +64,10 @@ TARGETS = {  # ratio: (comparison, target) on CPU
     "peak_ram_over_state": ("<=", 1.2),
 }
 
-QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=2, auto_size=32.0,
-             tuning_size=64.0)
-FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=8.0, rounds=2, auto_size=128.0,
-            tuning_size=256.0)
+QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=2, blocking_reps=2,
+             auto_size=32.0, tuning_size=64.0)
+FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=8.0, rounds=2, blocking_reps=4,
+            auto_size=128.0, tuning_size=256.0)
 
 
 # ======================================================================================
@@ -1069,8 +1069,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save every K steps (overrides --interval)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds of (none, jaxckpt, orbax) blocks")
-    p.add_argument("--blocking-reps", type=int, default=4,
-                   help="extra saves of each kind for the blocking statistics (default 4)")
+    p.add_argument("--blocking-reps", type=int, default=None,
+                   help="extra saves of each kind for the blocking statistics (default "
+                        f"{FULL['blocking_reps']}, --quick {QUICK['blocking_reps']})")
     p.add_argument("--layers", type=int, default=16, help="layers of the model (default 16)")
     p.add_argument("--batch", type=int, default=128, help="rows per train step (default 128)")
     p.add_argument("--auto-size", type=float, default=None, metavar="MiB",
@@ -1115,7 +1116,8 @@ def main(argv=None) -> int:
         base = tempfile.mkdtemp(prefix="jaxckpt-bench-", dir=args.dir)
     work = Path(tempfile.mkdtemp(prefix="jaxckpt-bench-logs-"))
     common = dict(dir=base, interval=interval, steps=args.steps, rounds=rounds,
-                  blocking_reps=args.blocking_reps,
+                  blocking_reps=(preset["blocking_reps"] if args.blocking_reps is None
+                                 else args.blocking_reps),
                   layers=args.layers, batch=args.batch, quick=args.quick)
     jobs = [dict(common, job="size", size_mb=s, label=f"{s:g} MiB") for s in sizes]
     if not args.no_tuning:

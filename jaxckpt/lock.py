@@ -84,8 +84,11 @@ def describe(owner: dict, now: float | None = None) -> str:
     """``run R on host H, pid P, last heartbeat N s ago`` for messages."""
     now = time.time() if now is None else now
     beat = owner.get("heartbeat")
-    age = (f"last heartbeat {now - beat:.0f} s ago ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(beat))})"
-           if isinstance(beat, (int, float)) else "no heartbeat")
+    if isinstance(beat, (int, float)):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(beat))
+        age = f"last heartbeat {now - beat:.0f} s ago ({when})"
+    else:
+        age = "no heartbeat"
     return (f"run {owner.get('run_id')} on host {owner.get('host')}, pid {owner.get('pid')}, "
             f"{age}")
 
@@ -110,6 +113,7 @@ class DirectoryLock:
         self._thread: threading.Thread | None = None
         self._lost: dict | None = None
         self._held = False
+        self._pid = os.getpid()
         self._write_error: str | None = None
 
     # -- public ------------------------------------------------------------------------
@@ -140,7 +144,7 @@ class DirectoryLock:
         owner = self._read()
         if owner is None or owner.get("run_id") != self.run_id:
             raise DirectoryLockedError(self._locked_message(owner or {}))
-        self._held = True
+        self._held, self._pid = True, os.getpid()
         _held[self.run_id] = self
         self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop),
                                         name="jaxckpt-lock", daemon=True)
@@ -159,7 +163,7 @@ class DirectoryLock:
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it still names this run."""
-        if not self._held:
+        if not self._held or os.getpid() != self._pid:  # a forked child owns nothing
             return
         self._held = False
         self._stop.set()

@@ -125,9 +125,6 @@ class CheckpointManager:
         self._async = async_save
         self._primary = jax.process_index() == 0
         _check_directory(self._dir, read_only=read_only)
-        # Before Orbax: its start-up deletes temporary directories, which are another
-        # live writer's in-flight checkpoints until the lock says that writer is gone.
-        self._dirlock = None if read_only else self._lock_directory()
         stored = _read_history_file(self._dir)
         if policy is None:
             policy = (CheckpointPolicy(**stored["policy"]) if stored and stored.get("policy")
@@ -135,24 +132,27 @@ class CheckpointManager:
         if not isinstance(policy, CheckpointPolicy):
             raise TypeError(f"policy must be a jaxckpt.CheckpointPolicy, got {type(policy)}.")
         self.policy = policy
-        try:
-            self._ocp = self._new_orbax()
-        except BaseException:
-            if self._dirlock is not None:
-                self._dirlock.release()
-            raise
         self._entries: list[_Entry] = _entries_from_json(stored)
         self._records: dict[int, Record] = {}
         # Steps that failed verification: out of every decision until moved aside.
         self._corrupt: dict[int, list[str]] = {}
-        for step in self._ocp.all_steps():
-            problems, _ = self._check(step, checksums=False)  # sizes: a stat per file
-            if problems:
-                self._set_aside(step, problems, warn=True)
-            else:
-                self._records[step] = self._record_from_meta(step)
-        if self._primary and not read_only:
-            _remove_stale_temp_files(self._dir)
+        # Before Orbax: its start-up deletes temporary directories, which are another
+        # live writer's in-flight checkpoints until the lock says that writer is gone.
+        self._dirlock = None if read_only else self._lock_directory()
+        try:
+            self._ocp = self._new_orbax()
+            for step in self._ocp.all_steps():
+                problems, _ = self._check(step, checksums=False)  # sizes: a stat per file
+                if problems:
+                    self._set_aside(step, problems, warn=True)
+                else:
+                    self._records[step] = self._record_from_meta(step)
+            if self._primary and not read_only:
+                _remove_stale_temp_files(self._dir)
+        except BaseException:
+            if self._dirlock is not None:
+                self._dirlock.release()
+            raise
         self._start_time = clock()
         self._last_save_time = stored.get("last_save_time") if stored else None
         self._auto_every: int | None = stored.get("auto_every") if stored else None

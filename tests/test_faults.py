@@ -180,6 +180,14 @@ def test_same_process_second_writer_refused_until_closed(tmp_path):
     assert not (tmp_path / "jaxckpt.lock").exists()
 
 
+def test_a_failed_open_leaves_no_lock(tmp_path):
+    with pytest.raises(TypeError, match="CheckpointPolicy"):
+        CheckpointManager(tmp_path, policy="val_loss")
+    assert not (tmp_path / "jaxckpt.lock").exists()
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"x": jnp.zeros(2)})
+
+
 def write_lock(directory, **fields):
     record = {"format": "jaxckpt-lock/1", "run_id": "other-run", "host": "other-host",
               "pid": 4242, "pid_ns": None, "pid_start": None, "started": time.time(),
