@@ -60,6 +60,18 @@ __all__ = ["CheckpointManager", "Checkpoint", "HISTORY_FILE"]
 
 log = logging.getLogger("jaxckpt")
 
+
+class _OrbaxNoise(logging.Filter):
+    """Drop Orbax's warnings about options jaxckpt sets on purpose (read-only inspection)."""
+
+    EXPECTED = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_OrbaxNoise())
+
 HISTORY_FILE = "jaxckpt.json"
 CORRUPT_DIR = "jaxckpt-corrupt"
 _BARRIERS = itertools.count()
