@@ -145,23 +145,31 @@ CORRUPTIONS = {
 }
 
 
+def open_read_only(d, corrupt_at_open):
+    """Open ``d``: a manager checks sizes, so some corruptions are found (and warned) here."""
+    if not corrupt_at_open:
+        return CheckpointManager(d, read_only=True)
+    with pytest.warns(UserWarning, match=r"checkpoint 4 .* is corrupt .*set aside"):
+        return CheckpointManager(d, read_only=True)
+
+
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_corrupt_latest_is_named_refused_and_skipped(ckpt, name):
     d, states = ckpt
     corrupt, problem, by_size = CORRUPTIONS[name]
     corrupt(d / "4")
     before = snapshot(d / "4")
-    with CheckpointManager(d, read_only=True) as m:
+    with open_read_only(d, by_size) as m:
         report = m.verify()
         assert set(report) == {2, 3, 4} and report[2] == report[3] == []
         assert re.search(problem, "; ".join(report[4]), re.S), report[4]
-    with CheckpointManager(d, read_only=True) as m:
-        assert (4 not in m.steps()) == by_size  # sizes are checked when a manager opens
+    with open_read_only(d, by_size) as m:
+        assert (4 not in m.steps()) == by_size
         with pytest.raises(jaxckpt.CheckpointCorruptError, match=r"checkpoint 4 .* corrupt") as e:
             m.restore(4)
         assert re.search(problem, str(e.value), re.S)
         assert m.steps() == [2, 3] and m.best_step == 2
-    with CheckpointManager(d, read_only=True) as m:
+    with open_read_only(d, by_size) as m:
         with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[4\].*step 3"):
             latest = m.restore_checkpoint("latest", target=init_state())
         assert latest.step == 3 and latest.data_state == {"batch": 3}
@@ -202,7 +210,8 @@ def test_resumed_run_saves_over_the_steps_of_a_corrupt_checkpoint(ckpt):
         m = CheckpointManager(d, POLICY)
     with m:
         assert m.latest_step == 3
-        resumed = m.restore("latest", target=init_state())
+        with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[4\].*step 3"):
+            resumed = m.restore("latest", target=init_state())
         again = train_step(resumed)
         with pytest.warns(UserWarning, match=r"moved corrupt checkpoint 4 .*/jaxckpt-corrupt/4-"):
             m.save(4, again, metrics={"val_loss": 0.8})
@@ -261,7 +270,7 @@ def test_manifest_paths_outside_the_checkpoint_are_rejected(ckpt, path, why):
     manifest = json.loads(manifest_file.read_text())
     manifest["files"][path] = {"size": 1, "crc32": 0}
     manifest_file.write_text(json.dumps(manifest))
-    with CheckpointManager(d, read_only=True) as m:
+    with open_read_only(d, corrupt_at_open=True) as m:
         problems = m.verify(4)[4]
     assert any(why in p and "outside the checkpoint directory" in p for p in problems), problems
 
@@ -273,7 +282,7 @@ def test_symlink_out_of_the_checkpoint_is_rejected(ckpt, tmp_path):
     outside.write_bytes(target.read_bytes())  # same size and checksum
     target.unlink()
     target.symlink_to(outside)
-    with CheckpointManager(d, read_only=True) as m:
+    with open_read_only(d, corrupt_at_open=True) as m:
         problems = m.verify(4)[4]
     assert problems == [f"{target.relative_to(d / '4')}: leads outside the checkpoint "
                         "directory (a symlink)"]
