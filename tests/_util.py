@@ -61,3 +61,16 @@ def run_tutorial(directory, async_save=True):
             mngr.save(epoch, state, metrics={"val_loss": val_loss, "loss": val_loss + 0.1},
                       epoch=epoch, data_state={"epoch": epoch})
     return states
+
+
+KILLED_WRITER = """
+    import sys, jax, jaxckpt
+    m = jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(keep_latest=2))
+    for step in range(1, 1000):
+        x = jax.random.normal(jax.random.key(step), (2_000_000,))
+        m.save(step, {"x": x})
+        if step == 1:
+            m.wait()
+            print("COMMITTED", flush=True)
+"""
+"""A writer that commits step 1, then saves 8 MB of random data per step until killed."""

@@ -24,3 +24,13 @@ def gcs():
     """
     with gcs_emulator(bucket="jaxckpt-test") as emu:
         yield emu
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """One TFDS data dir with the embedded digits dataset, prepared once (~1 s)."""
+    from jaxckpt import data
+
+    path = tmp_path_factory.mktemp("tfds")
+    data.prepare_digits(path)
+    return path

@@ -19,14 +19,6 @@ N_DIGITS = 1797
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    """One prepared data dir shared by the module (preparing takes ~1 s)."""
-    path = tmp_path_factory.mktemp("tfds")
-    data.prepare_digits(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def splits(digits_dir):
     return data.digits_splits(digits_dir)
 

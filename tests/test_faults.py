@@ -25,6 +25,7 @@ import pytest
 import jaxckpt
 from jaxckpt import CheckpointManager, CheckpointPolicy
 from jaxckpt import lock as lock_mod
+from _util import KILLED_WRITER
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 TMP_GLOB = "*.orbax-checkpoint-tmp*"
@@ -86,16 +87,6 @@ def tmpfs(path, size):
 
 # -- kill -9 during an async write ----------------------------------------------------------
 
-KILLED_WRITER = """
-    import sys, jax, jax.numpy as jnp, jaxckpt
-    m = jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(keep_latest=2))
-    for step in range(1, 1000):
-        x = jax.random.normal(jax.random.key(step), (2_000_000,))
-        m.save(step, {"x": x})
-        if step == 1:
-            m.wait()
-            print("COMMITTED", flush=True)
-"""
 
 
 def test_kill_9_during_async_write_leaves_only_complete_checkpoints(tmp_path):

@@ -29,7 +29,7 @@ import jaxckpt
 from jaxckpt import CheckpointManager, CheckpointPolicy, data
 from jaxckpt import parallel as par
 from jaxckpt.cli import main as cli
-from _util import init_state, leaves_equal, run_tutorial, train_step
+from _util import KILLED_WRITER, init_state, leaves_equal, run_tutorial, train_step
 
 
 
@@ -328,16 +328,6 @@ def test_example_takes_a_gs_checkpoint_dir(gs_dir, tmp_path):
 
 # -- a writer killed during an upload ---------------------------------------------------------
 
-KILLED_WRITER = """
-    import sys, jax, jaxckpt
-    m = jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(keep_latest=2))
-    for step in range(1, 1000):
-        x = jax.random.normal(jax.random.key(step), (2_000_000,))
-        m.save(step, {"x": x})
-        if step == 1:
-            m.wait()
-            print("COMMITTED", flush=True)
-"""
 
 
 def big(step, n=2_000_000):

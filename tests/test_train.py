@@ -26,10 +26,8 @@ EXAMPLE = REPO / "examples" / "fit_digits.py"
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    data.prepare_digits(d)
-    return d
+def data_dir(digits_dir):
+    return digits_dir
 
 
 @pytest.fixture(scope="session")
