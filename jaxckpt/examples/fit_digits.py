@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
 
     # 6. Train with checkpointing: keep the best epoch by val_loss, and the latest.
     policy = jaxckpt.CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1,
-                                      keep_latest=1, every_n_steps=args.every_n_steps)
+                                      keep_latest=1, every_n_epochs=1,
+                                      every_n_steps=args.every_n_steps)
     start = time.perf_counter()
     history = trainer.fit(splits["train"], splits["validation"], epochs=args.epochs,
                           batch_size=args.batch_size, checkpoint=ckpt_dir, policy=policy,
