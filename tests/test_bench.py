@@ -12,7 +12,8 @@ RATIOS = {"throughput_ratio", "blocking_over_d2h", "policy_over_orbax", "persist
 RAW = {"step_s", "save_every_steps", "steps_per_s", "orbax_throughput_ratio", "save_blocking_s",
        "sync_save_blocking_s", "first_step_after_save_s", "d2h_s", "persist_s", "persist_Bps",
        "disk", "restore_cold_s", "restore_Bps", "restore_exact", "orbax_restore_Bps",
-       "first_save_peak_extra_rss_bytes", "per_save_transient_rss_bytes", "save_cpu_s"}
+       "first_save_peak_extra_rss_bytes", "per_save_transient_rss_bytes", "save_cpu_s",
+       "jaxckpt_own_s"}
 
 
 def test_overhead_tiny_run_writes_every_key(tmp_path):
