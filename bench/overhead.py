@@ -66,7 +66,7 @@ TARGETS = {  # ratio: (comparison, target) on CPU
 
 QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=2, blocking_reps=4,
              auto_size=32.0, tuning_size=64.0)
-FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=8.0, rounds=2, blocking_reps=6,
+FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=6.0, rounds=2, blocking_reps=4,
             auto_size=128.0, tuning_size=256.0)
 
 
