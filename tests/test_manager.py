@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -293,3 +294,18 @@ def test_relative_directory(tmp_path, monkeypatch):
         m.save(1, {"x": jnp.arange(3)})
     with CheckpointManager(tmp_path / "runs" / "ckpt", read_only=True) as m:
         assert m.steps() == [1] and np.array_equal(m.restore(1)["x"], np.arange(3))
+
+
+def test_every_auto_saves_once_to_measure_then_spaces_saves(tmp_path):
+    """every="auto": one save measures the cost; then saves are spaced N > 1 steps apart."""
+    policy = CheckpointPolicy(every="auto", overhead_budget=0.9, keep_latest=100)
+    x = jax.random.normal(jax.random.key(0), (200_000,))
+    saved = []
+    with CheckpointManager(tmp_path, policy) as m:
+        for s in range(1, 401):
+            time.sleep(0.005)  # a "training step"; the assertions below are not timings
+            if m.save(s, {"x": x}):
+                saved.append(s)
+        assert saved[0] == 1
+        assert m.every_n_steps is not None and m.every_n_steps > 1
+        assert 1 < len(saved) < 200
