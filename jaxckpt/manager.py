@@ -264,7 +264,7 @@ class CheckpointManager:
                           "checkpoint can be kept as latest but never as best.", stacklevel=2)
             value = None
         now = self._clock()
-        self._observe_step_time(now, step)
+        self._observe_step_time(step)
         due = force or self.policy.is_due(
             step, epoch=epoch, now=now,
             last_save_time=self._last_save_time if self._last_save_time else self._start_time)
@@ -435,9 +435,7 @@ class CheckpointManager:
         try:
             self._ocp.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
-            with self._lock:
-                self._entries = [e_._replace(saved=False) if e_.step == step else e_
-                                 for e_ in self._entries]
+            self._mark_unsaved({step})
             self._reset_orbax(e)
             raise CheckpointWriteError(
                 f"saving step {step} to {self._dir} failed: {e!r}. Earlier checkpoints are "
@@ -497,8 +495,7 @@ class CheckpointManager:
             # Kept after all (its successor failed), unless it was set aside as corrupt.
             for s in on_disk - set(self._records) - set(self._corrupt):
                 self._records[s] = self._record_from_meta(s)
-            self._entries = [e_._replace(saved=False) if e_.step in lost else e_
-                             for e_ in self._entries]
+            self._mark_unsaved(set(lost))
             what = (f"background write of step(s) {lost} to {self._dir}" if lost else
                     f"background work after a committed checkpoint in {self._dir} (its "
                     "manifest, deletions or the history file)")
@@ -549,6 +546,12 @@ class CheckpointManager:
             self._entries = kept
         return changed
 
+    def _mark_unsaved(self, steps: set[int]) -> None:
+        """Record in the history that the writes of ``steps`` failed."""
+        with self._lock:
+            self._entries = [e._replace(saved=False) if e.step in steps else e
+                             for e in self._entries]
+
     def _entry_from_meta(self, step: int) -> _Entry:
         meta = self._read_meta(step)
         return _Entry(step, meta.get("metrics"), meta.get("epoch"),
@@ -568,7 +571,7 @@ class CheckpointManager:
 
     # -- internals: every="auto" ---------------------------------------------------------
 
-    def _observe_step_time(self, now: float, step: int) -> None:
+    def _observe_step_time(self, step: int) -> None:
         """Training time per step, from the end of the previous call to this one."""
         if self._last_call is not None and step > self._last_call[1]:
             dt = (time.perf_counter() - self._last_call[0]) / (step - self._last_call[1])

@@ -246,7 +246,8 @@ class Trainer:
             train_ds, local_bs, seed=seed, num_epochs=None, transform=None, shard_index=pid,
             shard_count=nproc)
         iterator = make_iter()
-        first = next(make_iter())
+        # One example as a batch of one, for Linen's init: no second pipeline to spin up.
+        first = jax.tree.map(lambda v: np.asarray(v)[None], train_ds[0])
         state = template = self.init_state(first, seed)
         placement = _Placement(self.mode, self.fsdp)
         loop = _LoopState(history=History(monitor=monitor))
