@@ -174,6 +174,12 @@ class CheckpointManager:
         # Background work (commit wait, deletions, history writes) runs in one FIFO thread,
         # so history snapshots land on disk in the order they were taken.
         self._futures: list[concurrent.futures.Future] = []
+        # Multi-process: Orbax's delete() ends with a device-collective barrier, which
+        # deadlocks against the training step's collectives when run from a thread (the
+        # two processes interleave them differently). The worker leaves deletions here;
+        # the calling thread applies them where every process makes the same calls.
+        self._deferred_deletes: list[int] = []
+        self._delete_in_background = jax.process_count() == 1
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxckpt")
         self._lock = threading.Lock()
         self._last_call: tuple[float, int] | None = None
@@ -466,10 +472,17 @@ class CheckpointManager:
             integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step))
         write_s = time.perf_counter() - start
         self._update_cost(blocked, write_s)
-        for s in stale:
+        if self._delete_in_background:
+            self._delete_steps(stale)
+        else:
+            with self._lock:
+                self._deferred_deletes.extend(stale)
+        self._write_history(self._snapshot())
+
+    def _delete_steps(self, steps: list[int]) -> None:
+        for s in steps:
             log.debug("deleting step %d: no longer among the kept checkpoints", s)
             self._ocp.delete(s)
-        self._write_history(self._snapshot())
 
     def _submit(self, fn, *args) -> None:
         self._futures.append(self._worker.submit(fn, *args))
@@ -480,8 +493,14 @@ class CheckpointManager:
             self._check_future(self._futures.pop(0))
 
     def _finish_pending(self) -> None:
-        while self._futures:
-            self._check_future(self._futures.pop(0))
+        """Wait for every background task, then apply the deletions left for this thread."""
+        try:
+            while self._futures:
+                self._check_future(self._futures.pop(0))
+        finally:
+            with self._lock:
+                deferred, self._deferred_deletes = self._deferred_deletes, []
+            self._delete_steps(deferred)
 
     def _check_future(self, future: concurrent.futures.Future) -> None:
         try:
@@ -492,8 +511,10 @@ class CheckpointManager:
             lost = sorted(set(self._records) - on_disk)
             for s in lost:
                 del self._records[s]
-            # Kept after all (its successor failed), unless it was set aside as corrupt.
-            for s in on_disk - set(self._records) - set(self._corrupt):
+            # Kept after all (its successor failed), unless it was set aside as corrupt
+            # or a committed successor replaced it (its deletion is only deferred).
+            for s in (on_disk - set(self._records) - set(self._corrupt)
+                      - set(self._deferred_deletes)):
                 self._records[s] = self._record_from_meta(s)
             self._mark_unsaved(set(lost))
             what = (f"background write of step(s) {lost} to {self._dir}" if lost else

@@ -29,6 +29,7 @@ import jaxckpt  # noqa: E402
 from jaxckpt import parallel as par  # noqa: E402
 
 STEPS, EVERY, KILL_AFTER = 12, 3, 9
+CHURN_SAVES, CHURN_INNER = 20, 5  # mode "churn": every save deletes the previous one
 BATCH, FEATURES, HIDDEN, CLASSES = 16, 8, 32, 4
 TX = optax.adam(1e-2)  # one instance: states built twice must have equal static fields
 
@@ -58,12 +59,16 @@ def batch(i):
 
 def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     """Train STEPS steps from the latest checkpoint in ``directory`` (if any), saving every
-    EVERY steps. ``mode="killed"``: after save(KILL_AFTER) returns, report and wait to die."""
+    EVERY steps. ``mode="killed"``: after save(KILL_AFTER) returns, report and wait to die.
+    ``mode="churn"``: CHURN_SAVES saves, each after CHURN_INNER steps, keeping only one."""
     assert par.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
     mesh = par.make_mesh(data=2, fsdp=2)
     shardings = par.state_sharding(jax.eval_shape(fresh_state), mesh)
     step_fn = par.make_train_step(loss_fn, mesh, shardings)
     rows = slice(process_id * BATCH // 2, (process_id + 1) * BATCH // 2)
+    if mode == "churn":
+        _churn(mesh, step_fn, rows, directory)
+        return
     policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
     with jaxckpt.CheckpointManager(directory, policy) as mngr:
         start = 0
@@ -85,6 +90,19 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
             if mode == "killed" and i + 1 == KILL_AFTER:
                 print(f"AT {i + 1}", flush=True)  # its async write is under way: kill me now
                 time.sleep(600)
+    print("DONE", flush=True)
+
+
+def _churn(mesh, step_fn, rows, directory):
+    """Each save's commit deletes the checkpoint before it while this thread trains on."""
+    state = par.shard_state(fresh_state(), mesh)
+    policy = jaxckpt.CheckpointPolicy(every_n_steps=1, keep_latest=1)
+    with jaxckpt.CheckpointManager(directory, policy) as mngr:
+        for i in range(CHURN_SAVES):
+            for j in range(CHURN_INNER):  # collectives, while the previous save commits
+                local = {k: v[rows] for k, v in batch(i * CHURN_INNER + j).items()}
+                state, metrics = step_fn(state, par.shard_batch(local, mesh))
+            mngr.save(i + 1, state, metrics={"loss": float(metrics["loss"])})
     print("DONE", flush=True)
 
 
@@ -222,6 +240,20 @@ def test_restores_in_one_process_on_one_device_and_on_another_mesh(runs):
                       par.shard_batch(b, par.make_mesh(data=1)))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  jax.device_get(after4.params), jax.device_get(after1.params))
+
+
+def test_deleting_while_training_does_not_deadlock(tmp_path):
+    """Orbax's delete() ends in a device-collective barrier; run from the background
+    commit it interleaved with the train step's collectives differently on each process
+    and hung the job (at the second save, on a 2-core machine). Deletions now wait for
+    the calling thread, where both processes make the same calls in the same order."""
+    outs = _finish(_launch(tmp_path, "churn"))  # a hang fails here, after the timeout
+    assert all(out.strip().endswith("DONE") for out, _ in outs)
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
+        assert mngr.steps() == [CHURN_SAVES]
+        assert [h["step"] for h in mngr.history()] == list(range(1, CHURN_SAVES + 1))
+        assert mngr.verify() == {CHURN_SAVES: []}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == [str(CHURN_SAVES)]
 
 
 if __name__ == "__main__":
