@@ -184,6 +184,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._last_call: tuple[float, int] | None = None
         self._auto_started = False
+        self._warned_no_metrics = False
         self._step_time_s: float | None = None
         self._closed = False
 
@@ -262,9 +263,11 @@ class CheckpointManager:
                 "its step count, or save into a new directory.")
         clean = _clean_metrics(metrics)
         value = self.policy.monitored_value(clean)
-        if self.policy.monitor and clean is None:
-            log.warning("save(step=%d) without metrics: it can be kept as latest, never best.",
-                        step)
+        if self.policy.monitor and clean is None and not self._warned_no_metrics:
+            self._warned_no_metrics = True  # Trainer's mid-epoch saves have none, by design
+            log.warning("save(step=%d) without metrics: a checkpoint saved without %r can be "
+                        "kept as latest, never best (reported once per manager).",
+                        step, self.policy.monitor)
         if value is not None and not math.isfinite(value):
             warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: the "
                           "checkpoint can be kept as latest but never as best.", stacklevel=2)

@@ -125,7 +125,7 @@ class Trainer:
         self.handle_sigterm = handle_sigterm
         self.state: TrainState | None = None
         self._nnx_graphdef = None
-        self._stop_signal = False
+        self._stop_signal = self._stopping = False
 
     # -- model plumbing ------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ class Trainer:
                 state, sums, iterator = self._train_epoch(
                     state, template, train_step, iterator, make_iter, loop, manager, placement,
                     epoch, end, steps_per_epoch, epochs)
-                if self._stop_signal:
+                if self._stopping:  # agreed by every process; the flag alone may not be
                     self._preempt(manager, state, loop, iterator, placement, sums)
                 if loop.position < (epoch + 1) * steps_per_epoch:
                     break  # max_steps ended the run inside an epoch
@@ -357,8 +357,8 @@ class Trainer:
                 state = new_state
                 _accumulate(sums, metrics)
                 advance(metrics)
-                if self._stop_signal or self._sync_stop():
-                    self._stop_signal = True
+                if self._sync_stop():
+                    self._stopping = True
                     return state, sums, iterator
                 if every and manager is not None and loop.position % every == 0 and \
                         loop.position < end:
@@ -367,9 +367,10 @@ class Trainer:
         return state, sums, iterator
 
     def _sync_stop(self) -> bool:
-        """In multi-process runs, all processes agree to stop at the same step."""
+        """Whether to stop after this step. In multi-process runs every process calls the
+        allgather after every step, the signalled one too, so all agree on the step."""
         if jax.process_count() == 1:
-            return False
+            return self._stop_signal
         from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.int32(self._stop_signal))
         return bool(np.any(flags))
@@ -445,7 +446,7 @@ class Trainer:
     # -- signals and output ----------------------------------------------------------------
 
     def _install_sigterm(self):
-        self._stop_signal = False
+        self._stop_signal = self._stopping = False
         if not self.handle_sigterm or not _main_thread():
             return None
 

@@ -194,6 +194,18 @@ def test_nan_metric_is_latest_never_best(tmp_path):
         assert (m.best_step, m.steps()) == (45, [45, 52])
 
 
+def test_save_without_metrics_is_latest_never_best_and_warns_once(tmp_path, caplog):
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1)
+    with CheckpointManager(tmp_path, policy) as m:
+        m.save(1, {"x": jnp.zeros(1)}, metrics={"val_loss": 0.5})
+        with caplog.at_level("WARNING", logger="jaxckpt"):
+            for step in (2, 3, 4):  # as Trainer's mid-epoch saves: no metrics
+                assert m.save(step, {"x": jnp.zeros(1)})
+        warned = [r for r in caplog.records if "without metrics" in r.getMessage()]
+        assert len(warned) == 1 and "'val_loss'" in warned[0].getMessage()
+        assert (m.best_step, m.steps()) == (1, [1, 4])
+
+
 def test_step_not_above_latest(tmp_path):
     with CheckpointManager(tmp_path) as m:
         m.save(5, {"x": jnp.zeros(1)})

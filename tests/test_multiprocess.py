@@ -30,6 +30,7 @@ from jaxckpt import parallel as par  # noqa: E402
 
 STEPS, EVERY, KILL_AFTER = 12, 3, 9
 CHURN_SAVES, CHURN_INNER = 20, 5  # mode "churn": every save deletes the previous one
+FIT_EPOCHS, FIT_EVERY = 12, 7  # mode "fit": Trainer.fit on the embedded digits
 BATCH, FEATURES, HIDDEN, CLASSES = 16, 8, 32, 4
 TX = optax.adam(1e-2)  # one instance: states built twice must have equal static fields
 
@@ -69,6 +70,9 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     if mode == "churn":
         _churn(mesh, step_fn, rows, directory)
         return
+    if mode == "fit":
+        _fit(directory)
+        return
     policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
     with jaxckpt.CheckpointManager(directory, policy) as mngr:
         start = 0
@@ -106,6 +110,30 @@ def _churn(mesh, step_fn, rows, directory):
     print("DONE", flush=True)
 
 
+def _fit(directory):
+    """Trainer.fit over both processes (each reads its half of every batch); SIGTERM to
+    either process stops both at one step. The digits' TFDS dir is $JAXCKPT_DATA_DIR."""
+    from flax import linen as nn
+
+    from jaxckpt import data
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = x.reshape((x.shape[0], -1))
+            return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
+
+    ds = data.load_tfds("sklearn_digits", "train", data_dir=os.environ["JAXCKPT_DATA_DIR"])
+    ds = ds.map(data.normalize)
+    splits = data.split_dataset(ds, (0.7, 0.15, 0.15), seed=0)
+    policy = jaxckpt.CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1,
+                                      every_n_steps=FIT_EVERY)
+    jaxckpt.Trainer(MLP(), optax.adam(1e-3), quiet=True).fit(
+        splits["train"], splits["validation"], epochs=FIT_EPOCHS, batch_size=64,
+        checkpoint=directory, policy=policy, seed=0)
+    print("DONE", flush=True)
+
+
 # -- the test ------------------------------------------------------------------------------------
 
 
@@ -115,10 +143,10 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _launch(directory, mode):
+def _launch(directory, mode, **env_vars):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", **env_vars}
     return [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(directory), mode],
                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -254,6 +282,45 @@ def test_deleting_while_training_does_not_deadlock(tmp_path):
         assert [h["step"] for h in mngr.history()] == list(range(1, CHURN_SAVES + 1))
         assert mngr.verify() == {CHURN_SAVES: []}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == [str(CHURN_SAVES)]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(
+        tmp_path, digits_dir):
+    """A preempted multi-process job: SIGTERM reaches process 1 only. Both processes agree
+    on the step (an allgather of the flag after each step), save it together, exit 0; the
+    job restarted with the same command ends bit for bit where an uninterrupted job ends."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    env = {"JAXCKPT_DATA_DIR": str(digits_dir)}
+    reference = _launch(whole, "fit", **env)
+    signalled = _launch(broken, "fit", **env)
+    deadline = time.monotonic() + 180
+    while not any(p.name.isdigit() for p in broken.glob("*")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in signalled), \
+            "no checkpoint from the job to be signalled"
+        time.sleep(0.05)
+    signalled[1].send_signal(signal.SIGTERM)
+    (out0, _), (out1, _) = _finish(signalled)
+    assert "DONE" not in out0 + out1, "the job finished before SIGTERM arrived"
+    stopped_at = int(out0.split("SIGTERM: saved checkpoint at step ")[1].split()[0])
+    resumed = _finish(_launch(broken, "fit", **env))
+    assert f"resumed from checkpoint step {stopped_at}" in resumed[0][0]
+    outs = resumed + _finish(reference)
+    assert all(out.strip().endswith("DONE") for out, _ in outs)
+    with jaxckpt.CheckpointManager(whole, read_only=True) as a, \
+            jaxckpt.CheckpointManager(broken, read_only=True) as b:
+        assert stopped_at in [e["step"] for e in b.entries() if e["saved"]]
+        assert a.steps() == b.steps() and a.latest_step == b.latest_step
+        assert a.verify() == b.verify() == {s: [] for s in a.steps()}
+        assert _bitwise_equal(a.restore("latest"), b.restore("latest"))
+        assert a.history() == b.history()
+        rows = [_epoch_rows(m.restore_data_state("latest")) for m in (a, b)]
+        assert rows[0] == rows[1] and len(rows[0]) == FIT_EPOCHS
+
+
+def _epoch_rows(loop_state):
+    """The Trainer's per-epoch rows without their wall-clock times."""
+    return [{k: v for k, v in row.items() if k != "time"}
+            for row in loop_state["history"]["rows"]]
 
 
 if __name__ == "__main__":
