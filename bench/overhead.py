@@ -965,7 +965,7 @@ def _report(result: dict) -> list[dict]:
             f"{gbs(w['disk']['write_Bps'])} / {gbs(w['disk']['read_Bps'])}"))
         row("cold restore: jaxckpt / orbax", lambda w: (
             f"{gbs(w['restore_Bps'])} / {gbs(w['orbax_restore_Bps'])}"))
-        row("cold verify (CRC-32 of all files)", lambda w: (
+        row("cold verify (CRC-32C of all files)", lambda w: (
             ms(w["verify_cold_s"]) if w["verify_cold_s"] is not None else "-"))
         row("restored bit-exact", lambda w: str(w["restore_exact"]))
         row("bytes on disk", lambda w: _fmt_bytes(w["bytes_on_disk"]))

@@ -657,7 +657,7 @@ def _parser() -> argparse.ArgumentParser:
                 "  jaxckpt ls /tmp/run/checkpoints --json | jq '.checkpoints[].step'\n"
                 "  jaxckpt ls gs://bucket/run/checkpoints --quick\n\n"
                 "A table on a terminal, plain text when piped, JSON with --json.\n"
-                "integrity: ok (sizes and CRC-32 checksums match the manifest written at\n"
+                "integrity: ok (sizes and CRC-32C checksums match the manifest written at\n"
                 "commit), corrupt (they do not; jaxckpt sets the checkpoint aside: never\n"
                 "restored, best, latest or deleted), unverified (no manifest).", cmd_ls)
     directory(p)
@@ -674,7 +674,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("verify", "Check every checkpoint (or one) against the manifest written when "
-                "it was committed: sizes and CRC-32 checksums; exit 1 naming each bad one.",
+                "it was committed: sizes and CRC-32C checksums; exit 1 naming each bad one.",
                 "  jaxckpt verify /tmp/run/checkpoints\n"
                 "  jaxckpt verify /tmp/run/checkpoints --step 45\n"
                 "  jaxckpt verify gs://bucket/run/checkpoints || echo 'restore from elsewhere'",

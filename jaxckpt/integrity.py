@@ -1,15 +1,17 @@
 """What a committed checkpoint must look like: its manifest and its JSON metadata.
 
 After Orbax commits a checkpoint, the manager's background worker lists every file of the
-step directory with its size and CRC-32 and stores the list beside them::
+step directory with its size and CRC-32C and stores the list beside them::
 
     DIR/<step>/jaxckpt_manifest.json
-        {"format": "jaxckpt-manifest/1", "step": 50, "algorithm": "crc32",
-         "files": {"state/manifest.ocdbt": {"size": 114, "crc32": 2271104343}, ...}}
+        {"format": "jaxckpt-manifest/1", "step": 50, "algorithm": "crc32c",
+         "files": {"state/manifest.ocdbt": {"size": 114, "crc32c": 2271104343}, ...}}
 
 :func:`check` compares a step directory with its manifest: sizes always (a ``stat`` per
-file), checksums when asked (every byte is read; ``zlib.crc32`` runs at GB/s, so the disk is
-the limit). CRC-32 guards against truncation, flipped bits and lost files, not against an
+file), checksums when asked (every byte is read). CRC-32C (google-crc32c, SSE4.2/ARMv8
+instructions, ~3 GB/s on one core here) is the default; manifests with zlib's CRC-32
+(~1.8 GB/s; older jaxckpt, or hosts where google-crc32c has no C extension) are read and
+checked as well. A CRC guards against truncation, flipped bits and lost files, not against an
 attacker, who could rewrite the manifest too; what keeps a crafted checkpoint from running
 code is that nothing in it is loaded with pickle and every JSON file is schema-checked here.
 
@@ -23,12 +25,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import os
 import posixpath
 import uuid
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 
@@ -39,8 +42,8 @@ __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "write_manifest
 MANIFEST_FILE = "jaxckpt_manifest.json"
 MANIFEST_FORMAT = "jaxckpt-manifest/1"
 META_FORMAT = "jaxckpt/1"
-_ALGORITHM = "crc32"
 _CHUNK = 8 << 20
+log = logging.getLogger("jaxckpt")
 UNVERIFIED = "no manifest: unverified"
 """The problem :func:`check` reports (only with ``strict``) for a step without a manifest."""
 
@@ -116,19 +119,45 @@ def _ignored(rel: str) -> bool:
     return rel == MANIFEST_FILE or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def crc32_of(path: epath.Path) -> int:
+def _crc32c() -> tuple[Callable[[int, bytes], int] | None, bool]:
+    """google-crc32c's incremental CRC-32C and whether it is its C extension (the
+    pure-Python fallback runs at MB/s: it checks old manifests, never writes new ones)."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return None, False
+    return google_crc32c.extend, google_crc32c.implementation == "c"
+
+
+_EXTEND: dict[str, Callable[[int, bytes], int]] = {
+    "crc32": lambda value, chunk: zlib.crc32(chunk, value)}
+_crc32c_extend, _crc32c_fast = _crc32c()
+if _crc32c_extend is not None:
+    _EXTEND["crc32c"] = _crc32c_extend
+DEFAULT_ALGORITHM = "crc32c" if _crc32c_fast else "crc32"
+"""The checksum new manifests use: CRC-32C where google-crc32c's C extension is there."""
+
+
+def checksum_of(path: epath.Path, algorithm: str = DEFAULT_ALGORITHM) -> int:
+    """The ``algorithm`` checksum of the file at ``path``, read in 8 MiB chunks."""
+    try:
+        extend = _EXTEND[algorithm]
+    except KeyError:
+        raise ValueError(f"checksum {algorithm!r} needs google-crc32c: "
+                         "pip install google-crc32c") from None
     value = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
-            value = zlib.crc32(chunk, value)
+            value = extend(value, chunk)
     return value
 
 
-def build_manifest(step_dir: epath.Path, step: int) -> dict:
+def build_manifest(step_dir: epath.Path, step: int,
+                   algorithm: str = DEFAULT_ALGORITHM) -> dict:
     """The manifest of a committed step directory (reads every file once)."""
-    files = {rel: {"size": size, _ALGORITHM: crc32_of(step_dir / rel)}
+    files = {rel: {"size": size, algorithm: checksum_of(step_dir / rel, algorithm)}
              for rel, size in sorted(_files(step_dir).items())}
-    return {"format": MANIFEST_FORMAT, "step": step, "algorithm": _ALGORITHM, "files": files}
+    return {"format": MANIFEST_FORMAT, "step": step, "algorithm": algorithm, "files": files}
 
 
 def write_manifest(step_dir: epath.Path, manifest: dict) -> None:
@@ -173,8 +202,28 @@ def read_manifest(step_dir: epath.Path, step: int) -> tuple[dict | None, list[st
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         return None, [f"{MANIFEST_FILE}: not JSON ({e})"]
+    newer = _newer_writer(manifest)
+    if newer:  # not corrupt: unverifiable here, and never set aside for it
+        log.warning("%s: %s; this jaxckpt cannot check it, so the checkpoint counts as "
+                    "unverified. Upgrade jaxckpt to verify it.", path, newer)
+        return None, []
     problems = [f"{MANIFEST_FILE}: {p}" for p in _manifest_schema(manifest, step)]
     return (None if problems else manifest), problems
+
+
+def _newer_writer(m: Any) -> str | None:
+    """Why a well-formed manifest comes from a newer jaxckpt (another format version or
+    checksum), or None. Such a checkpoint must stay usable, not be moved aside."""
+    if not isinstance(m, dict):
+        return None
+    fmt, algorithm = m.get("format"), m.get("algorithm")
+    if isinstance(fmt, str) and fmt != MANIFEST_FORMAT and \
+            fmt.startswith(MANIFEST_FORMAT.split("/")[0] + "/"):
+        return f"manifest format {fmt!r} (this jaxckpt reads {MANIFEST_FORMAT!r})"
+    if fmt == MANIFEST_FORMAT and isinstance(algorithm, str) and algorithm.isidentifier() \
+            and algorithm not in _EXTEND:
+        return f"checksum {algorithm!r} (this jaxckpt computes {sorted(_EXTEND)})"
+    return None
 
 
 def _is_int(x: Any) -> bool:
@@ -189,8 +238,9 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
     problems = []
     if m.get("step") != step or not _is_int(m.get("step")):
         problems.append(f"step is {m.get('step')!r}, expected {step}")
-    if m.get("algorithm") != _ALGORITHM:
-        problems.append(f"unknown checksum algorithm {m.get('algorithm')!r}")
+    algorithm = m.get("algorithm")
+    if not isinstance(algorithm, str) or algorithm not in _EXTEND:
+        return problems + [f"unknown checksum algorithm {algorithm!r}"]
     files = m.get("files")
     if not isinstance(files, dict) or not files:
         return problems + ["'files' must be a non-empty object"]
@@ -200,7 +250,7 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
             problems.append(f"file path {rel!r} is {why}: it would lead outside the "
                             "checkpoint directory")
         elif not (isinstance(entry, dict) and _is_int(entry.get("size")) and entry["size"] >= 0
-                  and _is_int(entry.get(_ALGORITHM)) and 0 <= entry[_ALGORITHM] < 2 ** 32):
+                  and _is_int(entry.get(algorithm)) and 0 <= entry[algorithm] < 2 ** 32):
             problems.append(f"malformed entry for {rel!r}: {entry!r}")
     return problems
 
@@ -220,7 +270,7 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool,
     Args:
       step_dir: the step's directory.
       step: its step number (must match the manifest and meta).
-      checksums: also read every file and compare its CRC-32 (else sizes only).
+      checksums: also read every file and compare its checksum (else sizes only).
       strict: report a missing manifest as a problem (:data:`UNVERIFIED`).
 
     Returns:
@@ -245,14 +295,15 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool,
         elif on_disk[rel] != entry["size"]:
             problems.append(f"{rel}: size {on_disk[rel]} bytes, manifest says {entry['size']}")
         elif checksums:
+            algorithm = manifest["algorithm"]
             try:
-                crc = crc32_of(step_dir / rel)
+                crc = checksum_of(step_dir / rel, algorithm)
             except OSError as e:
                 problems.append(f"{rel}: unreadable ({e})")
                 continue
-            if crc != entry[_ALGORITHM]:
-                problems.append(f"{rel}: checksum mismatch (crc32 {crc:#010x}, manifest "
-                                f"says {entry[_ALGORITHM]:#010x})")
+            if crc != entry[algorithm]:
+                problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
+                                f"says {entry[algorithm]:#010x})")
     return problems
 
 

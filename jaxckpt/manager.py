@@ -12,7 +12,7 @@ On disk, beside Orbax's step directories::
     DIR/<step>/state/       the state pytree (Orbax StandardSave)
     DIR/<step>/meta/        JSON: step, epoch, metrics, time (the step's own record)
     DIR/<step>/data_state/  JSON: the data iterator's state, when given
-    DIR/<step>/jaxckpt_manifest.json  every file's size and CRC-32 (:mod:`jaxckpt.integrity`)
+    DIR/<step>/jaxckpt_manifest.json  every file's size and CRC-32C (:mod:`jaxckpt.integrity`)
     DIR/jaxckpt.lock        the writing run's owner record and heartbeat (:mod:`jaxckpt.lock`)
     DIR/jaxckpt-corrupt/    checkpoints that failed verification, moved out of the way
 
@@ -355,7 +355,7 @@ class CheckpointManager:
             the newest (for ``"best"``: the next best, then the newest) that verifies.
           RestoreStructureError: ``target`` differs from the checkpoint (lists the keys).
 
-        Every file is checked against the checkpoint's manifest (size and CRC-32) before
+        Every file is checked against the checkpoint's manifest (size and CRC-32C) before
         Orbax reads it. A checkpoint without a manifest is restored with a warning.
         """
         return self.restore_checkpoint(which, target).state
@@ -387,7 +387,7 @@ class CheckpointManager:
         Args:
           step: one step, or None for every checkpoint in the directory (those already
             found corrupt included).
-          checksums: read every file and compare its CRC-32 (else sizes only: a ``stat``
+          checksums: read every file and compare its CRC-32C (else sizes only: a ``stat``
             per file, which finds truncated and missing files, not changed bytes).
           strict: count a checkpoint without a manifest as a problem. Otherwise it is
             unverified but usable, and reported with a warning.

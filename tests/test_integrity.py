@@ -10,6 +10,7 @@ import shutil
 import threading
 import zlib
 
+import google_crc32c
 import jax
 import numpy as np
 import pytest
@@ -76,9 +77,58 @@ def test_manifest_lists_every_file_with_size_and_crc(saved):
     files = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == files - {"jaxckpt_manifest.json"}
     assert {"meta/metadata", "data_state/metadata", "_CHECKPOINT_METADATA"} <= files
+    assert manifest["algorithm"] == "crc32c"  # google-crc32c's C extension is installed
     for rel, entry in manifest["files"].items():
         data = (step_dir / rel).read_bytes()
-        assert entry == {"size": len(data), "crc32": zlib.crc32(data)}, rel
+        assert entry == {"size": len(data), "crc32c": google_crc32c.value(data)}, rel
+
+
+def test_crc32_manifests_of_older_writers_verify_and_catch_flipped_bytes(ckpt):
+    d, states = ckpt
+    step_dir = d / "4"
+    integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, 4, "crc32"))
+    entry = json.loads((step_dir / "jaxckpt_manifest.json").read_text())["files"]["meta/metadata"]
+    assert entry["crc32"] == zlib.crc32((step_dir / "meta/metadata").read_bytes())
+    with CheckpointManager(d, read_only=True) as m:
+        assert m.verify(4) == {4: []}
+        assert leaves_equal(m.restore(4, target=init_state()), states[4])
+        flip(data_file(step_dir))
+        [problem] = m.verify(4)[4]
+    assert re.search(r"state/(\S*/)?d/\w+: checksum mismatch \(crc32 0x", problem), problem
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("algorithm", "xxh3_64", "checksum 'xxh3_64'"),
+    ("format", "jaxckpt-manifest/2", "manifest format 'jaxckpt-manifest/2'")])
+def test_a_newer_writers_manifest_is_unverified_never_set_aside(ckpt, caplog, field, value,
+                                                                named):
+    """Version skew is not corruption: an older reader restores the checkpoint (warning
+    that it cannot verify it) and its next save moves nothing aside."""
+    d, states = ckpt
+    manifest_file = d / "4" / "jaxckpt_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest[field] = value
+    manifest_file.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="jaxckpt"), CheckpointManager(d, POLICY) as m:
+        assert m.steps() == [2, 3, 4]
+        assert m.verify(4, strict=True) == {4: [integrity.UNVERIFIED]}
+        with pytest.warns(UserWarning, match="checkpoint 4 .* restoring it unverified"):
+            assert leaves_equal(m.restore("latest", target=init_state()), states[4])
+        m.save(5, init_state(), metrics={"val_loss": 0.9})
+        assert m.steps() == [2, 3, 5]  # 4 went as any latest does, by the policy
+    assert not (d / "jaxckpt-corrupt").exists()
+    assert any(named in r.getMessage() and "Upgrade jaxckpt" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_manifest_naming_no_real_checksum_is_corrupt(ckpt):
+    d, _ = ckpt
+    manifest_file = d / "4" / "jaxckpt_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["algorithm"] = ["crc32"]
+    manifest_file.write_text(json.dumps(manifest))
+    with open_read_only(d, corrupt_at_open=True) as m:
+        assert m.verify(4)[4][0] == "jaxckpt_manifest.json: unknown checksum algorithm ['crc32']"
 
 
 def test_manifest_is_computed_in_the_background_after_commit(tmp_path, monkeypatch):
@@ -268,7 +318,7 @@ def test_manifest_paths_outside_the_checkpoint_are_rejected(ckpt, path, why):
     d, _ = ckpt
     manifest_file = d / "4" / "jaxckpt_manifest.json"
     manifest = json.loads(manifest_file.read_text())
-    manifest["files"][path] = {"size": 1, "crc32": 0}
+    manifest["files"][path] = {"size": 1, manifest["algorithm"]: 0}
     manifest_file.write_text(json.dumps(manifest))
     with open_read_only(d, corrupt_at_open=True) as m:
         problems = m.verify(4)[4]
