@@ -117,6 +117,9 @@ class CheckpointManager:
         when reopening a directory, the policy it was written with.
       async_save: write in the background; ``save`` returns once the state is copied
         off the device. A failed background write is raised by the next ``save``/``wait``.
+        With several processes, checkpoints a save replaces are deleted at the next
+        ``save``/``wait``/``close``, on the calling thread: Orbax's delete ends in a
+        collective, which must not run beside the training step's.
       read_only: inspect only: never writes, deletes, locks or cleans the directory.
       clock: the time source for ``every_seconds`` (injectable for tests).
 
