@@ -119,23 +119,16 @@ def _ignored(rel: str) -> bool:
     return rel == MANIFEST_FILE or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _crc32c() -> tuple[Callable[[int, bytes], int] | None, bool]:
-    """google-crc32c's incremental CRC-32C and whether it is its C extension (the
-    pure-Python fallback runs at MB/s: it checks old manifests, never writes new ones)."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return None, False
-    return google_crc32c.extend, google_crc32c.implementation == "c"
-
-
 _EXTEND: dict[str, Callable[[int, bytes], int]] = {
     "crc32": lambda value, chunk: zlib.crc32(chunk, value)}
-_crc32c_extend, _crc32c_fast = _crc32c()
-if _crc32c_extend is not None:
-    _EXTEND["crc32c"] = _crc32c_extend
-DEFAULT_ALGORITHM = "crc32c" if _crc32c_fast else "crc32"
-"""The checksum new manifests use: CRC-32C where google-crc32c's C extension is there."""
+# New manifests use CRC-32C where google-crc32c (a core dependency) has its C extension;
+# its pure-Python fallback (MB/s) checks manifests, never writes them.
+try:
+    import google_crc32c
+    _EXTEND["crc32c"] = google_crc32c.extend
+    DEFAULT_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "crc32"
+except ImportError:
+    DEFAULT_ALGORITHM = "crc32"
 
 
 def checksum_of(path: epath.Path, algorithm: str = DEFAULT_ALGORITHM) -> int:
@@ -143,8 +136,8 @@ def checksum_of(path: epath.Path, algorithm: str = DEFAULT_ALGORITHM) -> int:
     try:
         extend = _EXTEND[algorithm]
     except KeyError:
-        raise ValueError(f"checksum {algorithm!r} needs google-crc32c: "
-                         "pip install google-crc32c") from None
+        raise ValueError(f"unknown checksum {algorithm!r}; this jaxckpt computes "
+                         f"{sorted(_EXTEND)} (crc32c needs google-crc32c).") from None
     value = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):

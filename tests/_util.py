@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from jaxckpt import CheckpointManager, CheckpointPolicy, TrainState
 
@@ -18,6 +19,15 @@ def init_state(seed: int = 0, width: int = 8) -> TrainState:
                         "bias": jnp.zeros((width,))},
               "out": {"kernel": jax.random.normal(k2, (width, 1)) * 0.1}}
     return TrainState.create(params=params, tx=optax.adam(1e-2), rng=seed)
+
+
+class MLP(nn.Module):
+    """The digits classifier of the Trainer tests (8x8 images, 10 classes)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
 
 
 def _loss(params, x, y):

@@ -23,13 +23,13 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 
 import jaxckpt
 from jaxckpt import CheckpointManager, CheckpointPolicy, data
 from jaxckpt import parallel as par
 from jaxckpt.cli import main as cli
-from _util import KILLED_WRITER, init_state, leaves_equal, run_tutorial, train_step
+from _util import (KILLED_WRITER, MLP, init_state, leaves_equal, run_tutorial,
+                   train_step)
 
 
 
@@ -271,13 +271,6 @@ def test_corrupt_object_is_named_skipped_and_moved_aside(gcs, gs_dir, capsys):
 
 
 # -- Trainer.fit -------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = x.reshape((x.shape[0], -1))
-        return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
 
 
 @pytest.fixture(scope="module")

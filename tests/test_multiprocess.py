@@ -113,15 +113,8 @@ def _churn(mesh, step_fn, rows, directory):
 def _fit(directory):
     """Trainer.fit over both processes (each reads its half of every batch); SIGTERM to
     either process stops both at one step. The digits' TFDS dir is $JAXCKPT_DATA_DIR."""
-    from flax import linen as nn
-
     from jaxckpt import data
-
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x, train: bool = False):
-            x = x.reshape((x.shape[0], -1))
-            return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
+    from _util import MLP
 
     ds = data.load_tfds("sklearn_digits", "train", data_dir=os.environ["JAXCKPT_DATA_DIR"])
     ds = ds.map(data.normalize)

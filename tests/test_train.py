@@ -14,12 +14,11 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 from flax import nnx
 
 import jaxckpt
 from jaxckpt import data
-from _util import leaves_equal
+from _util import MLP, leaves_equal
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "fit_digits.py"
@@ -34,13 +33,6 @@ def data_dir(digits_dir):
 def splits(data_dir):
     ds = data.load_tfds("sklearn_digits", "train", data_dir=data_dir).map(data.normalize)
     return data.split_dataset(ds, (0.7, 0.15, 0.15), seed=0)
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = x.reshape((x.shape[0], -1))
-        return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
 
 
 def example(workdir, data_dir, *extra, epochs=4):
