@@ -132,8 +132,8 @@ def _checkpoints(mngr, *, checksums: bool) -> list[dict[str, Any]]:
             "epoch": entry.get("epoch"),
             "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
             "kept": reasons.get(step, []) if step in kept else ["set aside: corrupt"],
-            "best": step == mngr.best_step,
-            "latest": step == mngr.latest_step,
+            "best": step == mngr.best_step(),
+            "latest": step == mngr.latest_step(),
             "bytes": step_bytes(mngr.directory / str(step)),
             "time": when,
             "written": _iso(when),
@@ -235,7 +235,7 @@ def cmd_ls(args) -> int:
         summary = {"directory": str(mngr.directory), "monitor": policy.monitor,
                    "mode": policy.resolved_mode if policy.monitor else None,
                    "keep_best": policy.keep_best, "keep_latest": policy.keep_latest,
-                   "best_step": mngr.best_step, "latest_step": mngr.latest_step,
+                   "best_step": mngr.best_step(), "latest_step": mngr.latest_step(),
                    "checksums": not args.quick, "checkpoints": rows}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -243,7 +243,7 @@ def cmd_ls(args) -> int:
     bad = [r for r in rows if r["problems"]]
     title = (f"{summary['directory']}: {len(rows)} checkpoint{'s' * (len(rows) != 1)}"
              + (f", monitor {policy.monitor} ({summary['mode']})" if policy.monitor else "")
-             + f", best {_or_none(mngr.best_step)}, latest {_or_none(mngr.latest_step)}"
+             + f", best {_or_none(mngr.best_step())}, latest {_or_none(mngr.latest_step())}"
              + (f", {len(bad)} CORRUPT" if bad else ""))
     if not rows:
         print(f"{title}\n(no checkpoints)")
@@ -296,7 +296,7 @@ def _print_rich(title, headers, cells, right, rows) -> None:
 
 def cmd_best(args) -> int:
     with _open(args.directory) as mngr:
-        step = mngr.best_step
+        step = mngr.best_step()
         if step is None:
             reason = ("its policy monitors no metric" if not mngr.policy.monitor else
                       f"no kept checkpoint has a finite {mngr.policy.monitor!r}")
@@ -343,7 +343,7 @@ def cmd_plot(args) -> int:
         entries = mngr.entries()
         monitor, mode = mngr.policy.monitor, (mngr.policy.resolved_mode
                                               if mngr.policy.monitor else None)
-        best, latest, directory = mngr.best_step, mngr.latest_step, mngr.directory
+        best, latest, directory = mngr.best_step(), mngr.latest_step(), mngr.directory
         corrupt = sorted(_corrupt(_verify(mngr, checksums=False)))  # sizes: a stat per file
     available = _metric_names([e["metrics"] for e in entries])
     if not available:
@@ -564,7 +564,7 @@ def cmd_prune(args) -> int:
             raise CliError(f"--max-bytes {args.max_bytes} is smaller than every checkpoint "
                            f"(smallest {human_bytes(min(sizes.values()))}): prune would delete "
                            f"all {len(plan)}; nothing was deleted.")
-        best_now = mngr.best_step
+        best_now = mngr.best_step()
         budget = (f" --max-bytes {args.max_bytes} ({human_bytes(args.max_bytes)})"
                   if args.max_bytes is not None else "")
         print(f"{mngr.directory}: --keep-best {keep_best} --keep-latest {keep_latest}{budget}"

@@ -50,6 +50,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxckpt import integrity
+from jaxckpt import target as target_lib
 from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError,
                             CheckpointNotFoundError, CheckpointWriteError,
                             DirectoryLockedError, RestoreStructureError)
@@ -197,12 +198,10 @@ class CheckpointManager:
     def directory(self) -> epath.Path:
         return self._dir
 
-    @property
     def latest_step(self) -> int | None:
         """The newest kept checkpoint's step, or None when there is none."""
         return max(self._records) if self._records else None
 
-    @property
     def best_step(self) -> int | None:
         """The best kept checkpoint's step by the monitored metric (None without one)."""
         best = self.policy.best(self._records.values())
@@ -212,6 +211,10 @@ class CheckpointManager:
     def every_n_steps(self) -> int | None:
         """The save interval in steps: the policy's, or the one ``every="auto"`` chose."""
         return self.policy.every_n_steps or self._auto_every
+
+    def all_steps(self) -> list[int]:
+        """Orbax's name for :meth:`steps`."""
+        return self.steps()
 
     def steps(self) -> list[int]:
         """Steps of the kept checkpoints, oldest first (an in-flight save included)."""
@@ -259,9 +262,9 @@ class CheckpointManager:
         self._check_lock()
         self._raise_finished()
         step = _as_step(step)
-        if self.latest_step is not None and step <= self.latest_step:
+        if self.latest_step() is not None and step <= self.latest_step():
             raise ValueError(
-                f"save(step={step}) is not above the latest saved step {self.latest_step} in "
+                f"save(step={step}) is not above the latest saved step {self.latest_step()} in "
                 f"{self._dir}. Steps must increase: resume from restore('latest') and continue "
                 "its step count, or save into a new directory.")
         clean = _clean_metrics(metrics)
@@ -437,7 +440,7 @@ class CheckpointManager:
     # -- internals: writing --------------------------------------------------------------
 
     def _write(self, step, state, metrics, epoch, data_state, now, value, reason) -> None:
-        items = {"state": ocp.args.StandardSave(_to_saveable(state)),
+        items = {"state": ocp.args.StandardSave(target_lib.to_saveable(state)),
                  "meta": ocp.args.JsonSave({"format": _FORMAT, "step": step, "epoch": epoch,
                                             "metrics": metrics, "time": now,
                                             "reason": reason})}
@@ -636,9 +639,9 @@ class CheckpointManager:
     def _resolve(self, which: Which) -> int:
         available = sorted(self._records)
         if which == "latest":
-            step = self.latest_step
+            step = self.latest_step()
         elif which == "best":
-            step = self.best_step
+            step = self.best_step()
             if step is None and available:
                 raise CheckpointNotFoundError(
                     f"no best checkpoint in {self._dir}: " + (
@@ -829,12 +832,12 @@ class CheckpointManager:
         saved = self._ocp.item_metadata(step)["state"]
         saved_tree = saved.tree if hasattr(saved, "tree") else saved
         if target is None:
-            abstract = jax.tree.map(_local_abstract, saved_tree, is_leaf=_is_array_metadata)
+            abstract = jax.tree.map(target_lib.local_abstract, saved_tree, is_leaf=target_lib.is_array_metadata)
             restored = self._ocp.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))["state"]
             return jax.tree.map(lambda x: np.asarray(x), restored)
-        _check_structure(saved_tree, target, step)
-        abstract, rewrap = _abstract_target(target)
+        target_lib.check_structure(saved_tree, target, step)
+        abstract, rewrap = target_lib.abstract_target(target)
         restored = self._ocp.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
         return rewrap(restored)
@@ -922,118 +925,6 @@ def _decode_data_state(stored: dict) -> Any:
     if _BYTES_KEY in stored:
         return base64.b64decode(stored[_BYTES_KEY])
     return stored.get("value")
-
-
-def _is_prng_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _to_saveable(tree: Any) -> Any:
-    """Typed PRNG keys become their raw key data (what Orbax can store)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree)
-
-
-def _is_array_metadata(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def _local_abstract(meta: Any) -> Any:
-    if not _is_array_metadata(meta):
-        return meta
-    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
-                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-
-
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _leaf_shapes(tree: Any, is_leaf=None) -> dict[str, tuple]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    out = {}
-    for path, leaf in flat:
-        out[_path_str(path)] = tuple(getattr(leaf, "shape", np.shape(leaf)))
-    return out
-
-
-def _check_structure(saved_tree: Any, target: Any, step: int) -> None:
-    saved = _leaf_shapes(saved_tree, is_leaf=_is_array_metadata)
-    wanted = _leaf_shapes(_to_saveable_abstract(target))
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    if not (missing or extra or shapes):
-        return
-    lines = [f"restore target does not match checkpoint step {step}:"]
-    if missing:
-        lines.append(f"  in target, not in checkpoint: {missing}")
-    if extra:
-        lines.append(f"  in checkpoint, not in target: {extra}")
-    for k in shapes:
-        lines.append(f"  {k}: checkpoint shape {saved[k]}, target shape {wanted[k]}")
-    lines.append("Build the target from the same model/optimizer config that wrote the "
-                 "checkpoint, or restore with target=None to get the saved arrays as numpy.")
-    raise RestoreStructureError("\n".join(lines))
-
-
-def _to_saveable_abstract(target: Any) -> Any:
-    def one(x):
-        if _is_prng_key(x):
-            return jax.eval_shape(jax.random.key_data, x)
-        return x
-    return jax.tree.map(one, target)
-
-
-def _abstract_target(target: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """The Orbax restore target for ``target`` and a function undoing the key conversion."""
-    is_key = jax.tree.map(_is_prng_key, target)
-    impls = jax.tree.map(lambda x: _key_impl(x) if _is_prng_key(x) else None, target)
-    host = jax.tree.map(lambda x: isinstance(x, (np.ndarray, np.generic)), target)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def one(x):
-        if _is_prng_key(x):
-            data = jax.eval_shape(jax.random.key_data, x)
-            sharding = getattr(x, "sharding", None) or local
-            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_key_data_sharding(
-                sharding, data.ndim))
-        sharding = getattr(x, "sharding", None)
-        if isinstance(x, (np.ndarray, np.generic)) or sharding is None:
-            sharding = local
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-    abstract = jax.tree.map(one, target)
-
-    def rewrap(restored):
-        def back(x, key, impl, to_host):
-            if key:
-                return jax.random.wrap_key_data(x, impl=impl)
-            return np.asarray(x) if to_host else x
-        return jax.tree.map(back, restored, is_key, impls, host)
-
-    return abstract, rewrap
-
-
-def _key_impl(x: Any) -> Any:
-    """The PRNG implementation of a typed key, concrete or abstract (ShapeDtypeStruct)."""
-    if isinstance(x, jax.Array):
-        return jax.random.key_impl(x)
-    return getattr(x.dtype, "_impl", None)  # a key dtype carries its impl
-
-
-def _key_data_sharding(sharding: Any, ndim: int) -> Any:
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:ndim]))
-    return sharding
 
 
 def _check_directory(path: epath.Path, *, read_only: bool) -> None:

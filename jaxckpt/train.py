@@ -256,7 +256,7 @@ class Trainer:
         elif manager is not None and manager.policy.monitor:
             loop.history.monitor, loop.history.mode = manager.policy.monitor, manager.policy.mode
 
-        if manager is not None and manager.latest_step is not None:
+        if manager is not None and manager.latest_step() is not None:
             state, loop = self._resume(manager, template, placement, loop, iterator)
         state = placement.place(state)
         train_step = placement.train_step(self._loss_fn(train=True))
@@ -399,7 +399,7 @@ class Trainer:
                 f"{len(loop.history.rows) + 1}). Lower the learning rate, clip gradients "
                 "(optax.clip_by_global_norm), or use Trainer(on_nonfinite='rollback') to "
                 "restore the last checkpoint and skip the batch.")
-        if manager is None or manager.latest_step is None:
+        if manager is None or manager.latest_step() is None:
             raise NonFiniteLossError(
                 f"training loss is not finite at step {position} and there is no checkpoint "
                 "to roll back to. Pass checkpoint=... to fit(), or fix the divergence.")
@@ -432,7 +432,7 @@ class Trainer:
         raise SystemExit(0)
 
     def _restore_best(self, state, template, manager, placement, best_copy, loop, early_stopping):
-        if _manager_tracks(manager, early_stopping.monitor) and manager.best_step is not None:
+        if _manager_tracks(manager, early_stopping.monitor) and manager.best_step() is not None:
             ckpt = manager.restore_checkpoint("best", target=placement.restore_target(template))
             self._print(f"restored best weights: checkpoint step {ckpt.step}")
             return placement.place(_merge_static(template, ckpt.state))
@@ -470,7 +470,7 @@ class Trainer:
         metrics = "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "time"))
         note = ""
         if saved and manager is not None:
-            note = "  [saved" + (", best" if manager.best_step == manager.latest_step and
+            note = "  [saved" + (", best" if manager.best_step() == manager.latest_step() and
                                  manager.policy.monitor else "") + "]"
         self._print(f"epoch {row['epoch']}/{epochs}  {metrics}{note}", routine=True)
 

@@ -237,7 +237,7 @@ def test_prune_deletes_through_the_manager(wide, capsys):
     assert "deleted 3 of 6 checkpoint(s)" in out
     assert step_dirs(wide) == [45, 46, 50]
     with CheckpointManager(wide, read_only=True) as mngr:
-        assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 50, [45, 46, 50])
+        assert (mngr.best_step(), mngr.latest_step(), mngr.steps()) == (45, 50, [45, 46, 50])
         assert [h["step"] for h in mngr.history()] == list(range(1, 51))  # history stays
         assert int(mngr.restore("best", target=init_state()).step) == 45
         assert mngr.verify() == {45: [], 46: [], 50: []}

@@ -84,7 +84,7 @@ def test_tutorial_keeps_best_45_and_latest_50_all_others_deleted_from_the_bucket
     assert not [o for o in objects if o.endswith(".tmp") or "orbax-checkpoint-tmp" in o]
 
     with CheckpointManager(directory, read_only=True) as mngr:
-        assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 50, [45, 50])
+        assert (mngr.best_step(), mngr.latest_step(), mngr.steps()) == (45, 50, [45, 50])
         assert mngr.kept_reasons() == {45: ["best #1"], 50: ["latest"]}
         history = mngr.history()
         assert [h["step"] for h in history] == list(range(1, 51))
@@ -128,7 +128,7 @@ REOPEN = """
     with jaxckpt.CheckpointManager(sys.argv[1], read_only=True) as m:
         best = m.restore("best")
         print(json.dumps({
-            "best": m.best_step, "latest": m.latest_step, "steps": m.steps(),
+            "best": m.best_step(), "latest": m.latest_step(), "steps": m.steps(),
             "history": m.history(), "verify": {str(k): v for k, v in m.verify().items()},
             "kernel": np.asarray(best["params"]["dense"]["kernel"]).tobytes().hex()}))
 """
@@ -144,7 +144,7 @@ def test_reopen_in_a_new_process_sees_the_same_checkpoints(tutorial):
     with CheckpointManager(directory, read_only=True) as mngr:
         assert seen["history"] == mngr.history()
         assert (seen["best"], seen["latest"], seen["steps"]) == (
-            mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 50, [45, 50])
+            mngr.best_step(), mngr.latest_step(), mngr.steps()) == (45, 50, [45, 50])
     assert seen["verify"] == {"45": [], "50": []}
     assert bytes.fromhex(seen["kernel"]) == np.asarray(
         states[45].params["dense"]["kernel"]).tobytes()
@@ -293,7 +293,7 @@ def test_trainer_fit_on_gs_stops_resumes_and_matches_an_uninterrupted_run(gcs, g
 
     fit(directory, policy=policy, max_steps=45)  # stops mid-epoch 3 (19 steps per epoch)
     with CheckpointManager(directory, read_only=True) as mngr:
-        assert mngr.latest_step in (40, 45)
+        assert mngr.latest_step() in (40, 45)
     resumed, history = fit(directory, policy=policy)
     assert history.events[-1]["event"] == "resume"
     assert [r["epoch"] for r in history.rows] == [1, 2, 3]
@@ -303,7 +303,7 @@ def test_trainer_fit_on_gs_stops_resumes_and_matches_an_uninterrupted_run(gcs, g
     assert leaves_equal(resumed.state.params, reference.state.params)
     assert leaves_equal(resumed.state.opt_state, reference.state.opt_state)
     with CheckpointManager(directory, read_only=True) as mngr:
-        assert mngr.latest_step == 57 and mngr.verify() == {s: [] for s in mngr.steps()}
+        assert mngr.latest_step() == 57 and mngr.verify() == {s: [] for s in mngr.steps()}
         assert {str(s) for s in mngr.steps()} | {"jaxckpt.json"} == top_level(gcs, prefix)
 
 
@@ -316,7 +316,7 @@ def test_example_takes_a_gs_checkpoint_dir(gs_dir, tmp_path):
     assert result["best_step"] is not None
     assert (tmp_path / "history.png").exists() and not (tmp_path / "checkpoints").exists()
     with CheckpointManager(directory, read_only=True) as mngr:
-        assert mngr.best_step == result["best_step"]
+        assert mngr.best_step() == result["best_step"]
 
 
 # -- a writer killed during an upload ---------------------------------------------------------
@@ -461,7 +461,7 @@ def test_prune_deletes_from_the_bucket(gcs, gs_dir, capsys):
     assert "deleted 4 of 6 checkpoint(s)" in capsys.readouterr().out
     assert top_level(gcs, prefix) == {"3", "7", "jaxckpt.json"}
     with CheckpointManager(directory, read_only=True) as mngr:
-        assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (3, 7, [3, 7])
+        assert (mngr.best_step(), mngr.latest_step(), mngr.steps()) == (3, 7, [3, 7])
 
 
 # -- one job, two processes (as on a TPU pod): one checkpoint in the bucket ---------------------
@@ -484,7 +484,7 @@ TWO_PROCESS_WORKER = """
     with jaxckpt.CheckpointManager(directory, read_only=True) as m:
         best = m.restore("best", target=target)
         local = [s.data.tolist() for s in best["params"]["w"].addressable_shards]
-        print("RESULT " + json.dumps({"steps": m.steps(), "best": m.best_step,
+        print("RESULT " + json.dumps({"steps": m.steps(), "best": m.best_step(),
                                       "spec": str(best["params"]["w"].sharding.spec),
                                       "local": local}), flush=True)
 """

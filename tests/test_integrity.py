@@ -218,7 +218,7 @@ def test_corrupt_latest_is_named_refused_and_skipped(ckpt, name):
         with pytest.raises(jaxckpt.CheckpointCorruptError, match=r"checkpoint 4 .* corrupt") as e:
             m.restore(4)
         assert re.search(problem, str(e.value), re.S)
-        assert m.steps() == [2, 3] and m.best_step == 2
+        assert m.steps() == [2, 3] and m.best_step() == 2
     with open_read_only(d, by_size) as m:
         with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[4\].*step 3"):
             latest = m.restore_checkpoint("latest", target=init_state())
@@ -232,23 +232,23 @@ def test_corrupt_best_is_never_best_and_never_deleted(ckpt):
     flip(data_file(d / "2"))
     before = snapshot(d / "2")
     with CheckpointManager(d, POLICY) as m:
-        assert m.best_step == 2  # a flipped byte is invisible to sizes
+        assert m.best_step() == 2  # a flipped byte is invisible to sizes
         with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[2\].*step 3, "
                                              r"the best checkpoint that verifies"):
             best = m.restore("best", target=init_state())
         assert leaves_equal(best, states[3])
-        assert (m.best_step, m.steps()) == (3, [3, 4])
+        assert (m.best_step(), m.steps()) == (3, [3, 4])
         # Steps 5-7 are worse than 0.5: with 2 corrupt, they may join the best-2.
         with pytest.warns(UserWarning, match=r"moved corrupt checkpoint 2 .*not deleted"):
             m.save(5, init_state(), metrics={"val_loss": 0.55})
         m.save(6, init_state(), metrics={"val_loss": 0.7})
         m.save(7, init_state(), metrics={"val_loss": 0.65})
-        assert (m.best_step, m.steps()) == (5, [3, 5, 7])
+        assert (m.best_step(), m.steps()) == (5, [3, 5, 7])
     moved = list((d / "jaxckpt-corrupt").iterdir())
     assert [p.name.split("-")[0] for p in moved] == ["2"]
     assert snapshot(moved[0]) == before
     with CheckpointManager(d, read_only=True) as m:  # a new process knows nothing else
-        assert (m.best_step, m.steps()) == (5, [3, 5, 7])
+        assert (m.best_step(), m.steps()) == (5, [3, 5, 7])
         assert m.verify() == {3: [], 5: [], 7: []}
 
 
@@ -259,7 +259,7 @@ def test_resumed_run_saves_over_the_steps_of_a_corrupt_checkpoint(ckpt):
     with pytest.warns(UserWarning, match=r"checkpoint 4 .* corrupt .*set aside"):
         m = CheckpointManager(d, POLICY)
     with m:
-        assert m.latest_step == 3
+        assert m.latest_step() == 3
         with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[4\].*step 3"):
             resumed = m.restore("latest", target=init_state())
         again = train_step(resumed)

@@ -29,7 +29,7 @@ def tutorial_dir(tmp_path_factory):
 def test_tutorial_keeps_best_45_and_latest_50(tmp_path, async_save):
     states = run_tutorial(tmp_path, async_save=async_save)
     mngr = CheckpointManager(tmp_path)
-    assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 50, [45, 50])
+    assert (mngr.best_step(), mngr.latest_step(), mngr.steps()) == (45, 50, [45, 50])
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["45", "50"]
     best = mngr.restore("best", target=init_state())
     assert leaves_equal(best.params, states[45].params)
@@ -55,14 +55,14 @@ def test_reopen_in_new_process_gives_same_view(tutorial_dir):
     code = textwrap.dedent(f"""
         import json, jaxckpt
         m = jaxckpt.CheckpointManager({str(d)!r}, read_only=True)
-        print(json.dumps({{"best": m.best_step, "latest": m.latest_step, "steps": m.steps(),
+        print(json.dumps({{"best": m.best_step(), "latest": m.latest_step(), "steps": m.steps(),
                           "history": m.history()}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     with CheckpointManager(d, read_only=True) as mngr:
-        assert seen == {"best": mngr.best_step, "latest": mngr.latest_step,
+        assert seen == {"best": mngr.best_step(), "latest": mngr.latest_step(),
                         "steps": mngr.steps(), "history": mngr.history()}
     assert (seen["best"], seen["latest"]) == (45, 50)
 
@@ -72,10 +72,10 @@ def test_worse_metric_after_restart_never_replaces_best(tmp_path):
     state = init_state()
     with CheckpointManager(tmp_path, TUTORIAL) as mngr:
         mngr.save(51, state, metrics={"val_loss": 0.7})
-        assert (mngr.best_step, mngr.latest_step, mngr.steps()) == (45, 51, [45, 51])
+        assert (mngr.best_step(), mngr.latest_step(), mngr.steps()) == (45, 51, [45, 51])
         mngr.save(52, state, metrics={"val_loss": 0.5})
     with CheckpointManager(tmp_path, TUTORIAL) as mngr:
-        assert (mngr.best_step, mngr.steps()) == (52, [52])
+        assert (mngr.best_step(), mngr.steps()) == (52, [52])
 
 
 def test_keep_latest_zero_writes_only_improvements(tmp_path):
@@ -85,7 +85,7 @@ def test_keep_latest_zero_writes_only_improvements(tmp_path):
         written = [mngr.save(s, state, metrics={"val_acc": a})
                    for s, a in enumerate([0.5, 0.4, 0.6, 0.3, 0.7, 0.55], start=1)]
         assert written == [True, True, True, False, True, False]
-        assert mngr.steps() == [3, 5] and mngr.best_step == 5
+        assert mngr.steps() == [3, 5] and mngr.best_step() == 5
         assert len(mngr.history()) == 6
 
 
@@ -188,10 +188,10 @@ def test_nan_metric_is_latest_never_best(tmp_path):
     with CheckpointManager(tmp_path, TUTORIAL) as m:
         with pytest.warns(UserWarning, match="not finite"):
             assert m.save(51, init_state(), metrics={"val_loss": float("nan")})
-        assert (m.best_step, m.latest_step, m.steps()) == (45, 51, [45, 51])
+        assert (m.best_step(), m.latest_step(), m.steps()) == (45, 51, [45, 51])
         with pytest.warns(UserWarning, match="not finite"):
             m.save(52, init_state(), metrics={"val_loss": float("-inf")})
-        assert (m.best_step, m.steps()) == (45, [45, 52])
+        assert (m.best_step(), m.steps()) == (45, [45, 52])
 
 
 def test_save_without_metrics_is_latest_never_best_and_warns_once(tmp_path, caplog):
@@ -203,7 +203,7 @@ def test_save_without_metrics_is_latest_never_best_and_warns_once(tmp_path, capl
                 assert m.save(step, {"x": jnp.zeros(1)})
         warned = [r for r in caplog.records if "without metrics" in r.getMessage()]
         assert len(warned) == 1 and "'val_loss'" in warned[0].getMessage()
-        assert (m.best_step, m.steps()) == (1, [1, 4])
+        assert (m.best_step(), m.steps()) == (1, [1, 4])
 
 
 def test_step_not_above_latest(tmp_path):

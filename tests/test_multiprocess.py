@@ -76,7 +76,7 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
     with jaxckpt.CheckpointManager(directory, policy) as mngr:
         start = 0
-        if mngr.latest_step is not None:
+        if mngr.latest_step() is not None:
             target = par.abstract_state(jax.eval_shape(fresh_state), shardings)
             ckpt = mngr.restore_checkpoint("latest", target=target)
             state, start = ckpt.state, ckpt.data_state["next_batch"]
@@ -302,7 +302,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(
     with jaxckpt.CheckpointManager(whole, read_only=True) as a, \
             jaxckpt.CheckpointManager(broken, read_only=True) as b:
         assert stopped_at in [e["step"] for e in b.entries() if e["saved"]]
-        assert a.steps() == b.steps() and a.latest_step == b.latest_step
+        assert a.steps() == b.steps() and a.latest_step() == b.latest_step()
         assert a.verify() == b.verify() == {s: [] for s in a.steps()}
         assert _bitwise_equal(a.restore("latest"), b.restore("latest"))
         assert a.history() == b.history()

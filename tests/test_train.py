@@ -52,7 +52,7 @@ def _env():
 
 def final_state(workdir):
     with jaxckpt.CheckpointManager(Path(workdir) / "checkpoints", read_only=True) as m:
-        return m.restore("latest"), m.latest_step, m.best_step
+        return m.restore("latest"), m.latest_step(), m.best_step()
 
 
 def history_rows(workdir):
@@ -113,7 +113,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise(tmp_path, data_dir, uninte
     assert "SIGTERM: saved checkpoint at step" in out
     stopped_at = int(out.split("SIGTERM: saved checkpoint at step ")[1].split()[0])
     with jaxckpt.CheckpointManager(tmp_path / "checkpoints", read_only=True) as m:
-        assert m.latest_step == stopped_at
+        assert m.latest_step() == stopped_at
     run_ok(cmd)
     resumed, ref = final_state(tmp_path), final_state(uninterrupted)
     assert leaves_equal(resumed[0], ref[0])

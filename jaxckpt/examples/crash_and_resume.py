@@ -68,8 +68,8 @@ def main(argv=None) -> bool:
     kill_after_checkpoint(command(crashy, args.epochs), ckpt_dir, min_step=60)
 
     with jaxckpt.CheckpointManager(ckpt_dir, read_only=True) as m:
-        print(f"3. on disk after the crash: checkpoints {m.steps()} (best {m.best_step}, "
-              f"latest {m.latest_step}); a half-written one, if any, is ignored")
+        print(f"3. on disk after the crash: checkpoints {m.steps()} (best {m.best_step()}, "
+              f"latest {m.latest_step()}); a half-written one, if any, is ignored")
 
     print("4. rerun the same command")
     out = subprocess.run(command(crashy, args.epochs), check=True, capture_output=True,

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
 
     # 7. Evaluate the best model: restore the best checkpoint and score the test split.
     with jaxckpt.CheckpointManager(ckpt_dir, read_only=True) as mngr:
-        best_step = mngr.best_step
+        best_step = mngr.best_step()
         best_state = mngr.restore("best", target=trainer.state)
         best_metrics = mngr.metrics(best_step)
     test = trainer.evaluate(splits["test"], state=best_state)

@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     # 7. Evaluate the best model, as an ordinary NNX module rebuilt from the checkpoint.
     with jaxckpt.CheckpointManager(ckpt_dir, read_only=True) as mngr:
         best = mngr.restore("best", target=trainer.state)
-        best_step = mngr.best_step
+        best_step = mngr.best_step()
     best_model = trainer.nnx_model(best)
     test = trainer.evaluate(splits["test"], state=best)
     batch = next(iter(data.batches(splits["test"], 8, shuffle=False, transform=None)))
