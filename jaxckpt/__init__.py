@@ -14,7 +14,9 @@ from jaxckpt.errors import RestoreStructureError as RestoreStructureError
 from jaxckpt.manager import Checkpoint as Checkpoint
 from jaxckpt.manager import CheckpointManager as CheckpointManager
 from jaxckpt.policy import CheckpointPolicy as CheckpointPolicy
+from jaxckpt.policy import KeepReason as KeepReason
 from jaxckpt.policy import auto_interval as auto_interval
+from jaxckpt.policy import metric_mode as metric_mode
 from jaxckpt.state import TrainState as TrainState
 from jaxckpt.state import nnx_checkpoint_state as nnx_checkpoint_state
 from jaxckpt.state import nnx_merge as nnx_merge
@@ -23,6 +25,11 @@ from jaxckpt.state import nnx_split as nnx_split
 
 __version__ = "0.1.0"
 from jaxckpt.history import History as History
-from jaxckpt.train import EarlyStopping as EarlyStopping
+from jaxckpt.early_stopping import EarlyStopping as EarlyStopping
 from jaxckpt.train import NonFiniteLossError as NonFiniteLossError
 from jaxckpt.train import Trainer as Trainer
+from jaxckpt.callbacks import Callback as Callback
+from jaxckpt.loggers import CSVLogger as CSVLogger
+from jaxckpt.loggers import FunctionLogger as FunctionLogger
+from jaxckpt.loggers import TensorBoardLogger as TensorBoardLogger
+from jaxckpt.loggers import WandbLogger as WandbLogger

@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -154,9 +153,9 @@ def _metric_order(names: Sequence[str], monitor: str | None) -> list[str]:
 
 def _counterpart(metric: str | None) -> str | None:
     """``val_loss`` <-> ``loss``: the train/validation twin of a metric name."""
-    if not metric:
-        return None
-    return metric[4:] if metric.startswith("val_") else f"val_{metric}"
+    from jaxckpt.plotting import counterpart  # one home for the pairing the plot also uses
+
+    return counterpart(metric)
 
 
 def _metric_names(dicts: Sequence[dict[str, float] | None]) -> list[str]:
@@ -354,114 +353,14 @@ def cmd_plot(args) -> int:
     if unknown:
         raise CliError(f"no metric {', '.join(map(repr, unknown))} in the history of "
                        f"{directory}; metrics: {', '.join(available)}.")
-    plot_history(entries, names, args.output, monitor=monitor, mode=mode, best=best,
-                 latest=latest, corrupt=corrupt, title=str(directory))
+    from jaxckpt.plotting import plot_checkpoints  # matplotlib only for this command
+
+    plot_checkpoints(entries, names, args.output, monitor=monitor, mode=mode, best=best,
+                     latest=latest, corrupt=corrupt, title=str(directory),
+                     log_scale=args.log_scale)
     print(f"wrote {args.output} ({', '.join(names)} over {len(entries)} steps; "
           f"best {_or_none(best)}, latest {_or_none(latest)})")
     return EXIT_OK
-
-
-def plot_history(entries, names, output, *, monitor, mode, best, latest, title,
-                 corrupt: Sequence[int] = ()) -> None:
-    """Curves of ``names`` over every recorded step; checkpoints as markers on them.
-
-    Kept checkpoints are filled circles, deleted ones hollow, corrupt ones (set aside) red
-    crosses; the best gets a star and the best and latest steps a vertical line. A metric and its train/validation twin
-    (``loss``/``val_loss``) share a panel; other metrics get their own.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    panels: list[list[str]] = []
-    for name in names:
-        twin = next((p for p in panels if _counterpart(name) in p), None)
-        (twin.append(name) if twin is not None else panels.append([name]))
-    fig = Figure(figsize=(9, 2.2 + 2.8 * len(panels)), dpi=110, layout="constrained")
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    steps = [e["step"] for e in entries]
-    palette = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
-    for ax, panel in zip(axes, panels):
-        for i, name in enumerate(panel):
-            ys = [_value(e, name) for e in entries]
-            primary = name == monitor or (monitor not in panel and i == 0)
-            ax.plot(steps, ys, color=palette[i % len(palette)], linewidth=2 if primary else 1.4,
-                    alpha=1 if primary else 0.8, label=name + (f" (monitored, {mode})"
-                                                               if name == monitor else ""))
-            if primary:
-                _checkpoint_markers(ax, entries, name, palette[i % len(palette)], corrupt)
-                if name == monitor and best is not None:
-                    y = _value(next(e for e in entries if e["step"] == best), name)
-                    ax.plot([best], [y], marker="*", markersize=17, color="gold",
-                            markeredgecolor="black", zorder=6, linestyle="none")
-                    _label(ax, best, y, f"best: step {best}\n{name} {y:.4g}",
-                           below=(mode == "min"))
-                if latest is not None and latest != best:
-                    y = _value(next((e for e in entries if e["step"] == latest), {}), name)
-                    if not math.isnan(y):
-                        _label(ax, latest, y, f"latest: step {latest}\n{name} {y:.4g}",
-                               below=(mode != "min"))
-        for step, color in ((best, "tab:green"), (latest, "tab:gray")):
-            if step is not None:
-                ax.axvline(step, color=color, linestyle="--", linewidth=1, zorder=1)
-        ax.set_ylabel(" / ".join(panel))
-        ax.grid(alpha=0.3)
-        ax.margins(y=0.18)
-        handles, _ = ax.get_legend_handles_labels()
-        if ax is axes[0]:  # the checkpoint key once, in the top panel
-            handles += _checkpoint_key(entries, corrupt, best, latest)
-        ax.legend(handles=handles, loc="best", fontsize=9, framealpha=0.9)
-    axes[-1].set_xlabel("step")
-    n_kept = sum(e["kept"] for e in entries)
-    fig.suptitle(f"{title}\n{len(entries)} recorded steps, {n_kept} checkpoint"
-                 f"{'s' * (n_kept != 1)} kept", fontsize=11)
-    fig.savefig(output)
-
-
-def _checkpoint_key(entries, corrupt, best, latest) -> list:
-    from matplotlib.lines import Line2D
-
-    n_deleted = sum(e["saved"] and not e["kept"] for e in entries) - len(corrupt)
-    key = [Line2D([], [], marker="o", color="black", linestyle="none", markersize=7,
-                  label=f"kept checkpoint ({sum(e['kept'] for e in entries)})"),
-           Line2D([], [], marker="o", color="black", markerfacecolor="white",
-                  linestyle="none", markersize=7, label=f"deleted checkpoint ({n_deleted})")]
-    if corrupt:
-        key.append(Line2D([], [], marker="X", color="tab:red", markeredgecolor="black",
-                          linestyle="none", markersize=9,
-                          label=f"corrupt, set aside ({len(corrupt)})"))
-    if best is not None:
-        key.append(Line2D([], [], color="tab:green", linestyle="--", marker="*", markersize=12,
-                          markerfacecolor="gold", markeredgecolor="black",
-                          label=f"best (step {best})"))
-    if latest is not None:
-        key.append(Line2D([], [], color="tab:gray", linestyle="--",
-                          label=f"latest (step {latest})"))
-    return key
-
-
-def _value(entry: dict, name: str) -> float:
-    value = (entry.get("metrics") or {}).get(name)
-    return math.nan if value is None else float(value)
-
-
-def _checkpoint_markers(ax, entries, name, color, corrupt) -> None:
-    shrink = min(1.0, (120 / max(len(entries), 1)) ** 0.5)  # long runs: smaller markers
-    for kept, fill in ((False, "white"), (True, color)):
-        pts = [(e["step"], _value(e, name)) for e in entries
-               if e["saved"] and e["kept"] == kept and e["step"] not in corrupt]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", markersize=(6 if kept else 4.5) * max(shrink, 0.5),
-                    linestyle="none", color=color, markerfacecolor=fill,
-                    markeredgewidth=1.2 * max(shrink, 0.5), zorder=4)
-    pts = [(e["step"], _value(e, name)) for e in entries if e["step"] in corrupt]
-    if pts:
-        ax.plot(*zip(*pts), marker="X", markersize=10, linestyle="none", color="tab:red",
-                markeredgecolor="black", zorder=5)
-
-
-def _label(ax, x, y, text, *, below: bool) -> None:
-    ax.annotate(text, (x, y), textcoords="offset points", xytext=(-12, -34 if below else 22),
-                ha="right", fontsize=9, arrowprops={"arrowstyle": "-", "color": "0.4"},
-                bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.7"})
 
 
 def plan_prune(records, sizes: dict[int, int], policy, max_bytes: int | None
@@ -695,6 +594,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", metavar="NAME",
                    help="metric to plot; repeat for several (default: the monitored one and "
                         "its train/validation twin)")
+    p.add_argument("--log-scale", action="store_true", help="loss axes on a log scale")
 
     p = command("prune", "Apply a retention policy to an existing directory: keep the best K "
                 "and latest N, optionally within a disk budget; delete the rest.",

@@ -55,6 +55,9 @@ __all__ = [
     "normalize",
     "batches",
     "num_batches",
+    "as_dataset",
+    "check_keys",
+    "ArraySource",
 ]
 
 Example = dict[str, Any]
@@ -333,6 +336,88 @@ def split_dataset(
         name: indices[start:stop].map(lookup)
         for name, start, stop in zip(names, bounds[:-1], bounds[1:])
     }
+
+
+# --------------------------------------------------------------------------------------
+# The data contract: what ``Trainer.fit`` / ``evaluate`` / ``predict`` accept.
+
+
+class ArraySource:
+    """Random access over a dict of equal-length arrays (a grain data source).
+
+    Arrays are converted to numpy once (a JAX array is copied to the host here), so every
+    batch is cut from host memory the same way, whatever the input was.
+    """
+
+    def __init__(self, arrays: Mapping[str, Any]):
+        self.arrays = {str(k): np.asarray(v) for k, v in arrays.items()}
+        if not self.arrays:
+            raise ValueError("got an empty dict of arrays; pass e.g. {'x': X, 'y': y}.")
+        lengths = {k: len(v) if np.ndim(v) else None for k, v in self.arrays.items()}
+        if None in lengths.values() or len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays must share their first (example) axis; got lengths "
+                             f"{lengths}.")
+        self.n = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.arrays.items()}
+
+    def __repr__(self) -> str:
+        return f"ArraySource({ {k: v.shape for k, v in self.arrays.items()} })"
+
+
+def as_dataset(data: Any, input_key: str = "image", label_key: str = "label",
+               ) -> grain.MapDataset | None:
+    """Any accepted form of training or evaluation data as a ``grain.MapDataset``.
+
+    Accepted:
+
+    * ``(x, y)``: a tuple (or list) of two arrays (numpy, JAX, anything ``np.asarray``
+      takes) with one example per row, stored under ``input_key`` and ``label_key``;
+    * ``x`` alone (a single array, for :meth:`Trainer.predict`), stored under ``input_key``;
+    * a dict of equal-length arrays with any keys (the Trainer reads ``input_key`` and
+      ``label_key`` from it);
+    * a ``grain.MapDataset`` of example dicts (e.g. from :func:`digits_splits`,
+      :func:`load_tfds`), or any random-access source (``len`` and ``[i]``) of example
+      dicts, such as ``tfds.data_source(...)``;
+    * ``None`` (no data), returned as ``None``.
+    """
+    if data is None or isinstance(data, grain.MapDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            hasattr(a, "shape") or isinstance(a, (list, tuple)) for a in data):
+        return grain.MapDataset.source(ArraySource({input_key: data[0], label_key: data[1]}))
+    if isinstance(data, Mapping):
+        return grain.MapDataset.source(ArraySource(data))
+    if hasattr(data, "shape") and hasattr(data, "dtype"):
+        return grain.MapDataset.source(ArraySource({input_key: data}))
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
+            data, (str, bytes)):
+        return grain.MapDataset.source(data)
+    raise TypeError(
+        f"cannot train on a {type(data).__name__}. Pass (x, y) arrays, a dict of equal-length "
+        "arrays, a grain.MapDataset of example dicts, or a random-access source of them "
+        "(see jaxckpt.data.as_dataset).")
+
+
+def check_keys(example: Any, *keys: str) -> None:
+    """Raise a ValueError naming the keys an example has when one of ``keys`` is missing.
+
+    Checked on the first example, before anything is compiled or trained, so a
+    mismatch costs nothing but the message.
+    """
+    if not isinstance(example, Mapping):
+        raise TypeError(f"examples must be dicts of arrays, got {type(example).__name__}; "
+                        "pass (x, y) arrays, a dict of arrays, or map your dataset to dicts.")
+    missing = [k for k in keys if k not in example]
+    if missing:
+        raise ValueError(
+            f"batch has keys {sorted(example)} but the Trainer reads "
+            f"{', '.join(map(repr, missing))}; set Trainer(input_key=..., label_key=...) to the "
+            "keys of your inputs and labels.")
 
 
 # --------------------------------------------------------------------------------------

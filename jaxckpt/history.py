@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxckpt.policy import resolve_mode
+from jaxckpt.policy import metric_mode
 
 __all__ = ["History"]
 
@@ -24,6 +24,7 @@ class History:
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     monitor: str | None = "val_loss"
     mode: str = "auto"
+    directory: str | None = None  # the run's checkpoint directory, for plot titles
 
     # -- access --------------------------------------------------------------------------
 
@@ -44,10 +45,13 @@ class History:
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch with the best finite monitored value (the first one on ties)."""
+        """The epoch with the best finite monitored value (the first one on ties); None
+        when the mode is ``"auto"`` and the name says no direction (never guessed)."""
         if not self.monitor:
             return None
-        mode = resolve_mode(self.monitor, self.mode)
+        mode = self.mode if self.mode in ("min", "max") else metric_mode(self.monitor)
+        if mode is None:
+            return None
         scored = [(r[self.monitor], int(r["epoch"])) for r in self.rows
                   if self.monitor in r and math.isfinite(r[self.monitor])]
         if not scored:
@@ -67,13 +71,14 @@ class History:
 
     def to_json(self) -> dict[str, Any]:
         return {"rows": self.rows, "events": self.events, "monitor": self.monitor,
-                "mode": self.mode}
+                "mode": self.mode, "directory": self.directory}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "History":
         return cls(rows=[dict(r) for r in data.get("rows", [])],
                    events=[dict(e) for e in data.get("events", [])],
-                   monitor=data.get("monitor"), mode=data.get("mode", "auto"))
+                   monitor=data.get("monitor"), mode=data.get("mode", "auto"),
+                   directory=data.get("directory"))
 
     def to_csv(self, path) -> None:
         """One row per epoch, one column per metric."""
@@ -101,39 +106,16 @@ class History:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, path, *, metrics: tuple[str, ...] | None = None, title: str | None = None
-             ) -> None:
-        """Loss curves (train and validation) with the best epoch marked; saved to ``path``.
+    def plot(self, path, *, metrics: tuple[str, ...] | None = None, title: str | None = None,
+             log_scale: bool = False) -> None:
+        """Loss curves (train and validation) over epochs, the best epoch marked and labelled;
+        accuracy-like metrics in a second panel. Saved to ``path`` (.png, .svg, .pdf).
 
-        With accuracy-like metrics present, they get a second panel.
+        Args:
+          metrics: the metrics to draw (default: all).
+          title: default ``training history: <checkpoint directory>``.
+          log_scale: loss axes on a log scale (for losses that fall by decades).
         """
-        import matplotlib
+        from jaxckpt.plotting import plot_history
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = self.metric_names
-        loss_names = [n for n in (metrics or names) if "loss" in n]
-        other = [n for n in (metrics or names) if n not in loss_names and not n.startswith("_")]
-        panels = [p for p in (loss_names, other) if p]
-        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
-        best = self.best_epoch
-        for ax, group in zip(axes[0], panels):
-            for name in group:
-                ax.plot(self.epochs, self.metric(name), marker="o", markersize=3, label=name)
-            if best is not None:
-                ax.axvline(best, color="tab:red", linestyle="--", linewidth=1,
-                           label=f"best epoch {best}")
-                if self.monitor in group:
-                    value = self.rows[self.epochs.index(best)][self.monitor]
-                    ax.scatter([best], [value], s=90, color="tab:red", zorder=5)
-                    ax.annotate(f"{self.monitor} {value:.4g}", (best, value),
-                                textcoords="offset points", xytext=(6, 8), color="tab:red")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(" / ".join(group) if len(group) < 3 else "value")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(title or "training history")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        plot_history(self, path, metrics=metrics, title=title, log_scale=log_scale)

@@ -22,101 +22,81 @@ manager warns when it restores one.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import dataclasses
 import json
 import logging
-import math
 import os
 import posixpath
-import uuid
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from etils import epath
 
-__all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "write_manifest",
-           "read_manifest", "check", "safe_relative_path", "validate_meta",
-           "validate_data_state", "UNVERIFIED"]
+from jaxckpt import format as fmt
+from jaxckpt import storage
 
-MANIFEST_FILE = "jaxckpt_manifest.json"
+__all__ = ["Verdict", "MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "write_manifest",
+           "read_manifest", "check", "safe_relative_path"]
+
+MANIFEST_FILE = fmt.MANIFEST_FILE
 MANIFEST_FORMAT = "jaxckpt-manifest/1"
-META_FORMAT = "jaxckpt/1"
 _CHUNK = 8 << 20
 log = logging.getLogger("jaxckpt")
-UNVERIFIED = "no manifest: unverified"
-"""The problem :func:`check` reports (only with ``strict``) for a step without a manifest."""
+
+Writer = Literal["jaxckpt", "orbax", "unknown"]
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in str(path)
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What :func:`check` found in one step directory.
 
-
-def forget_cached_listings(path: epath.Path) -> None:
-    """Forget this process's cached object listings at, above and below ``path``.
-
-    etils epath reads ``gs://`` through gcsfs, which caches every directory listing it
-    makes and answers ``exists``/``stat``/``iterdir`` from it, and sizes file reads by it.
-    Another process's writes (or Orbax's, through tensorstore) do not update that cache,
-    so a manager reopened in a long-lived process would miss new steps and read a
-    rewritten ``jaxckpt.json`` cut to its old size. A no-op for local paths.
+    Attributes:
+      problems: one line per damaged file (path relative to the step, then what is wrong).
+      has_manifest: False for a checkpoint whose writer stopped between Orbax's commit
+        and the manifest, one older than manifests, or one jaxckpt did not write.
+      writer: ``"jaxckpt"``, ``"orbax"`` (plain Orbax: no ``meta`` item) or ``"unknown"``.
+      incomplete: a file every commit writes is missing (a half-deleted or half-copied
+        step). Not a checkpoint: readers ignore it, never restore it.
     """
-    if _is_local(path):
-        return
-    try:
-        from etils.epath import backend
-        fs = backend.fsspec_backend.fs(str(path))
-        cache = fs.dircache
-        key = fs._strip_protocol(str(path)).rstrip("/")
-    except Exception:  # noqa: BLE001 - another fsspec backend, or no listing cache
-        return
-    fs.invalidate_cache(str(path))  # the path and its parents
-    for cached in list(cache):
-        if cached.startswith(key + "/"):
-            try:
-                del cache[cached]
-            except KeyError:  # another thread forgot it first
-                pass
+
+    step: int
+    problems: tuple[str, ...] = ()
+    has_manifest: bool = True
+    writer: Writer = "jaxckpt"
+    incomplete: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.incomplete
+
+    @property
+    def usable(self) -> bool:
+        """Restorable: complete and without problems (a missing manifest is allowed)."""
+        return self.ok
+
+    def describe(self) -> str:
+        """One line for people: ``verified``, ``written by Orbax, no manifest``, ..."""
+        if self.incomplete:
+            return "incomplete: " + "; ".join(self.problems)
+        if self.problems:
+            return "; ".join(self.problems)
+        if self.has_manifest:
+            return "verified"
+        if self.writer == "orbax":
+            return "written by Orbax, no manifest: not verifiable"
+        return ("no manifest (its writer stopped between Orbax's commit and the manifest, "
+                "or it predates manifests): unverified")
 
 
 def _files(step_dir: epath.Path) -> dict[str, int]:
     """Relative POSIX path -> size of every file under ``step_dir`` except the manifest
     and temporary files (a manifest half-written by a killed writer)."""
-    out = {}
-    root = str(step_dir)
-    if _is_local(step_dir):
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                full = os.path.join(dirpath, name)
-                rel = os.path.relpath(full, root).replace(os.sep, "/")
-                if not _ignored(rel):
-                    out[rel] = os.stat(full).st_size
-        return out
-    forget_cached_listings(step_dir)  # what is there now, not what this process listed
-    for rel, size in walk_files(step_dir):
-        if not _ignored(rel):
-            out[rel] = size
-    return out
-
-
-def walk_files(root: epath.Path, _prefix: str = ""):
-    """``(relative POSIX path, size)`` of every file under ``root``, local or ``gs://``.
-
-    Not ``epath.Path.walk``: on ``gs://`` it yields directories without their ``gs://``
-    prefix, which then name local paths. On an object store, ``iterdir`` is one listing
-    per directory and ``is_dir``/``stat`` are answered from that listing.
-    """
-    for child in root.iterdir():
-        rel = _prefix + child.name
-        if child.is_dir():
-            yield from walk_files(child, rel + "/")
-        else:
-            yield rel, child.stat().length
+    storage.forget_cached_listings(step_dir)  # what is there now, not a cached listing
+    return {rel: size for rel, size in storage.walk_files(step_dir) if not _ignored(rel)}
 
 
 def _ignored(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return rel == MANIFEST_FILE or (name.startswith(".") and name.endswith(".tmp"))
+    return rel == MANIFEST_FILE or fmt.is_temp(rel.rsplit("/", 1)[-1])
 
 
 _EXTEND: dict[str, Callable[[int, bytes], int]] = {
@@ -155,13 +135,7 @@ def build_manifest(step_dir: epath.Path, step: int,
 
 def write_manifest(step_dir: epath.Path, manifest: dict) -> None:
     """Write ``manifest`` atomically: a reader sees the whole file or none."""
-    path = step_dir / MANIFEST_FILE
-    if not _is_local(step_dir):  # an object appears whole or not at all; no rename there
-        path.write_text(json.dumps(manifest))
-        return
-    tmp = step_dir / f".{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    tmp.replace(path)
+    storage.atomic_write_text(step_dir / MANIFEST_FILE, json.dumps(manifest))
 
 
 def safe_relative_path(rel: Any) -> str | None:
@@ -250,36 +224,57 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
 
 def _inside(step_dir: epath.Path, rel: str) -> bool:
     """Whether ``step_dir/rel`` really lies inside ``step_dir`` (symlinks resolved)."""
-    if not _is_local(step_dir):
+    if storage.is_remote(step_dir):
         return True  # object stores have no symlinks; the path itself was checked
     root = os.path.realpath(str(step_dir))
     return os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep)
 
 
-def check(step_dir: epath.Path, step: int, *, checksums: bool,
-          strict: bool = False) -> list[str]:
-    """Problems of checkpoint ``step`` in ``step_dir`` (empty: it verifies).
+def writer_of(step_dir: epath.Path) -> Writer:
+    """Who wrote a step directory, from the files only jaxckpt writes."""
+    if (step_dir / fmt.META).exists() or (step_dir / MANIFEST_FILE).exists():
+        return "jaxckpt"
+    if (step_dir / fmt.ORBAX_METADATA).exists():
+        return "orbax"
+    return "unknown"
+
+
+def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
+    """Check checkpoint ``step`` in ``step_dir`` against its manifest.
 
     Args:
       step_dir: the step's directory.
       step: its step number (must match the manifest and meta).
-      checksums: also read every file and compare its checksum (else sizes only).
-      strict: report a missing manifest as a problem (:data:`UNVERIFIED`).
+      checksums: also read every file and compare its checksum (else sizes only: a
+        ``stat`` per file, which finds truncated and missing files, not changed bytes).
 
-    Returns:
-      One line per problem, each starting with the path of the file it concerns,
-      relative to the step directory.
+    Raises:
+      FileNotFoundError: ``step_dir`` no longer exists (deleted by its writer meanwhile).
     """
+    if not step_dir.exists():
+        raise FileNotFoundError(f"{step_dir} no longer exists")
+    writer = writer_of(step_dir)
+    if writer != "jaxckpt":
+        complete = (step_dir / fmt.ORBAX_METADATA).exists()
+        return Verdict(step, () if complete else (f"{fmt.ORBAX_METADATA}: missing",),
+                       has_manifest=False, writer=writer, incomplete=not complete)
+    missing = tuple(f"{rel}: missing" for rel in fmt.COMMIT_FILES
+                    if not (step_dir / rel).exists())
+    if missing:
+        return Verdict(step, missing, has_manifest=(step_dir / MANIFEST_FILE).exists(),
+                       incomplete=True)
     manifest, problems = read_manifest(step_dir, step)
     if problems:
-        return problems
-    problems += _json_problems(step_dir, step, manifest)
+        return Verdict(step, tuple(problems))
+    problems = _json_problems(step_dir, step, manifest)
     if manifest is None:
-        return problems + ([UNVERIFIED] if strict else [])
+        return Verdict(step, tuple(problems), has_manifest=False)
     try:
         on_disk = _files(step_dir)
+    except FileNotFoundError:
+        raise
     except OSError as e:
-        return problems + [f".: cannot list the checkpoint directory ({e})"]
+        return Verdict(step, (*problems, f".: cannot list the checkpoint directory ({e})"))
     for rel, entry in manifest["files"].items():
         if not _inside(step_dir, rel):
             problems.append(f"{rel}: leads outside the checkpoint directory (a symlink)")
@@ -291,27 +286,26 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool,
             algorithm = manifest["algorithm"]
             try:
                 crc = checksum_of(step_dir / rel, algorithm)
+            except FileNotFoundError:
+                raise
             except OSError as e:
                 problems.append(f"{rel}: unreadable ({e})")
                 continue
             if crc != entry[algorithm]:
                 problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
                                 f"says {entry[algorithm]:#010x})")
-    return problems
+    return Verdict(step, tuple(problems))
 
 
 # -- the JSON files jaxckpt writes into each step ------------------------------------------
 
 
 def _json_problems(step_dir: epath.Path, step: int, manifest: dict | None) -> list[str]:
-    """Schema problems of ``meta/metadata`` and ``data_state/metadata``.
-
-    A missing file is a problem only when the manifest lists it (a checkpoint written
-    by plain Orbax has neither).
-    """
+    """Schema problems of jaxckpt's JSON items. A missing ``data_state`` is a problem
+    only when the manifest lists it (a step saved without one has none)."""
     problems = []
-    for rel, validate in (("meta/metadata", lambda d: validate_meta(d, step)),
-                          ("data_state/metadata", validate_data_state)):
+    for rel, validate in ((f"{fmt.META}/metadata", lambda d: fmt.validate_meta(d, step)),
+                          (f"{fmt.DATA_STATE}/metadata", fmt.validate_data_state)):
         path = step_dir / rel
         try:
             data = json.loads(path.read_text())
@@ -324,49 +318,3 @@ def _json_problems(step_dir: epath.Path, step: int, manifest: dict | None) -> li
             continue
         problems += [f"{rel}: {p}" for p in validate(data)]
     return problems
-
-
-def validate_meta(meta: Any, step: int | None = None) -> list[str]:
-    """Schema problems of a step's ``meta`` record (empty: valid). Unknown keys are
-    allowed, so that a newer jaxckpt's checkpoints stay readable."""
-    if not isinstance(meta, dict):
-        return ["not a JSON object"]
-    problems = []
-    if meta.get("format") != META_FORMAT:
-        problems.append(f"format is {meta.get('format')!r}, expected {META_FORMAT!r}")
-    if not _is_int(meta.get("step")) or (step is not None and meta["step"] != step):
-        problems.append(f"step is {meta.get('step')!r}, expected {step}")
-    if meta.get("epoch") is not None and not _is_int(meta["epoch"]):
-        problems.append(f"epoch must be an int or null, got {meta['epoch']!r}")
-    metrics = meta.get("metrics")
-    if metrics is not None:
-        if not isinstance(metrics, dict):
-            problems.append(f"metrics must be an object or null, got {type(metrics).__name__}")
-        else:
-            bad = sorted(k for k, v in metrics.items()
-                         if isinstance(v, bool) or not isinstance(v, (int, float)))
-            if bad:
-                problems.append(f"metrics {bad} are not numbers")
-    t = meta.get("time")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                          or not math.isfinite(t)):
-        problems.append(f"time must be a number, got {t!r}")
-    if meta.get("reason") is not None and not isinstance(meta["reason"], str):
-        problems.append(f"reason must be a string or null, got {meta['reason']!r}")
-    return problems
-
-
-def validate_data_state(stored: Any) -> list[str]:
-    """Schema problems of a stored data state: ``{"value": <JSON>}`` or base64 bytes."""
-    if not isinstance(stored, dict) or len(stored) != 1:
-        return ["must be an object with one key, 'value' or '__bytes_b64__'"]
-    if "value" in stored:
-        return []
-    encoded = stored.get("__bytes_b64__")
-    if not isinstance(encoded, str):
-        return ["must be an object with one key, 'value' or '__bytes_b64__'"]
-    try:
-        base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as e:
-        return [f"'__bytes_b64__' is not base64 ({e})"]
-    return []

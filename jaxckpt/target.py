@@ -1,45 +1,101 @@
 """Restore targets: any user pytree in, the same pytree out.
 
 Orbax restores arrays into abstract targets (``jax.ShapeDtypeStruct`` with shardings). A
-user hands a concrete state: a Flax ``TrainState``, NNX state, optax states, dicts,
-dataclasses, with typed PRNG keys among the leaves. This module converts between the two
-and checks the saved structure against the target, naming every differing leaf.
+user hands a state of their own: a Flax ``TrainState`` (its ``step`` a Python int after
+``create``), NNX state, optax states, dicts, registered dataclasses, with typed PRNG keys,
+numpy arrays, Python scalars and ``None`` among the leaves. This module turns such a
+target into what Orbax restores into, checks it against what was saved (naming every
+differing leaf, never casting silently), and turns Orbax's result back into the target's
+own pytree, each leaf of the target's kind and placement.
+
+Synopsis::
+
+    saveable = to_saveable(state)         # TypeError naming any leaf that cannot be saved
+    plan = restore_plan(saved_tree, target, step)   # saved_tree: Orbax's item metadata
+    state = plan.finish(orbax_restore(plan.abstract))
+
+What a leaf is saved as, and what it comes back as in a target leaf of the same kind:
+
+- ``jax.Array``: its dtype and shape; a ``jax.Array`` placed with the target's sharding.
+- typed PRNG key (``jax.random.key``): its raw ``uint32`` key data; a typed key of the
+  target's impl. Raw ``jax.random.PRNGKey`` keys are plain ``uint32`` arrays.
+- numpy array or scalar: its dtype and shape; the same numpy type.
+- Python ``int``/``float``/``bool``: Orbax's scalar (a 0-d int64, float64 or bool value);
+  the same Python type.
+- ``None``: nothing (an empty subtree); ``None``.
+
+A target leaf whose dtype differs from the saved one is refused (``RestoreStructureError``),
+except Python scalar targets, which take the saved value converted to their type when the
+kinds agree (an int from any integer dtype, a float from any float dtype, a bool from
+bool). A saved Python scalar is weakly typed, as in JAX: it restores into an array leaf of
+a compatible kind in the array's dtype, and an integer that does not fit that dtype is
+refused rather than wrapped around.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from orbax.checkpoint import metadata as ocp_metadata
 
 from jaxckpt.errors import RestoreStructureError
 
-__all__ = ["to_saveable", "is_array_metadata", "local_abstract", "check_structure",
-           "abstract_target", "path_str"]
+__all__ = [
+    "RestorePlan",
+    "abstract_target",
+    "check_saveable",
+    "check_structure",
+    "is_array_metadata",
+    "local_abstract",
+    "path_str",
+    "restore_plan",
+    "to_saveable",
+]
+
+_PY_SCALARS = (bool, int, float)
+_INT64 = np.iinfo(np.int64)
+
+
+# -- what a leaf is ---------------------------------------------------------------------
 
 
 def is_prng_key(x: Any) -> bool:
+    """A typed PRNG key (concrete or abstract); raw ``uint32`` keys are plain arrays."""
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def to_saveable(tree: Any) -> Any:
-    """Typed PRNG keys become their raw key data (what Orbax can store)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
 
 
 def is_array_metadata(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def local_abstract(meta: Any) -> Any:
-    if not is_array_metadata(meta):
-        return meta
-    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
-                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+def _is_saved_leaf(x: Any) -> bool:
+    return isinstance(x, ocp_metadata.Metadata) or is_array_metadata(x)
+
+
+def _saved_as_python_scalar(meta: Any) -> bool:
+    # Orbax writes Python int/float/bool leaves with its scalar handler: no fixed dtype of
+    # the user's, and read back as a Python scalar.
+    return isinstance(meta, ocp_metadata.ScalarMetadata)
+
+
+def _kind(dtype: Any) -> str | None:
+    """bool/int/float/complex: the kinds between which a Python scalar may move."""
+    dtype = np.dtype(dtype)
+    for name, base in (("bool", np.bool_), ("int", np.integer), ("float", np.floating),
+                       ("complex", np.complexfloating)):
+        if jnp.issubdtype(dtype, base):
+            return name
+    return None
 
 
 def path_str(path: Sequence[Any]) -> str:
+    """``params/Dense_0/kernel``: a key path as the same text for the target and the
+    saved tree (Orbax saves attributes, dict keys and indices all as names)."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -51,81 +107,337 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def leaf_shapes(tree: Any, is_leaf=None) -> dict[str, tuple]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    out = {}
-    for path, leaf in flat:
-        out[path_str(path)] = tuple(getattr(leaf, "shape", np.shape(leaf)))
-    return out
+def _local_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def check_structure(saved_tree: Any, target: Any, step: int) -> None:
-    saved = leaf_shapes(saved_tree, is_leaf=is_array_metadata)
-    wanted = leaf_shapes(to_saveable_abstract(target))
+# -- save side --------------------------------------------------------------------------
+
+
+def _unsaveable(x: Any) -> str | None:
+    """Why ``x`` cannot be a saved leaf, with the fix; None when it can."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return ("is abstract (jax.ShapeDtypeStruct): save concrete arrays; abstract "
+                "leaves belong in a restore target")
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        dtype = np.dtype(x.dtype) if not is_prng_key(x) else None
+        if dtype is not None and (dtype.kind in "OUSMm" or dtype.fields is not None):
+            return (f"is an array of dtype {dtype}, which Orbax cannot store: convert it to "
+                    "a numeric array, or pass it as data_state (JSON) instead")
+        return None
+    if isinstance(x, int) and not isinstance(x, bool) and not _INT64.min <= x <= _INT64.max:
+        return (f"is the Python int {x}, outside int64: store it as an array of smaller "
+                "numbers or pass it as data_state (JSON)")
+    if isinstance(x, _PY_SCALARS):
+        return None
+    if isinstance(x, (str, bytes)):
+        return ("is text; the state holds arrays only: pass text as data_state (JSON or "
+                "bytes) or mark the field static (flax.struct.field(pytree_node=False))")
+    if callable(x):
+        return ("is a function, not data: mark the field static (flax.struct.field("
+                "pytree_node=False), or dataclasses.field(metadata={'static': True}) with "
+                "jax.tree_util.register_dataclass) or leave it out of the saved state (an "
+                "equinox model: save eqx.filter(model, eqx.is_array))")
+    return (f"is a {type(x).__module__}.{type(x).__qualname__}, not an array: register its "
+            "class as a pytree (jax.tree_util.register_dataclass) with arrays as children "
+            "and the rest static, or leave it out of the saved state")
+
+
+def check_saveable(tree: Any) -> None:
+    """Refuse, before anything is written, a state with a leaf Orbax cannot store.
+
+    Saveable leaves: ``jax.Array`` (typed PRNG keys included), numpy arrays and scalars of
+    a numeric or bool dtype, and Python ``int`` (within int64), ``float`` and ``bool``.
+    ``None`` is an empty subtree and is saved as such.
+
+    Raises:
+      TypeError: naming each unsaveable leaf by its path, what it is and the fix.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    problems = [f"  {path_str(p) or '<root>'} {why}" for p, x in flat
+                if (why := _unsaveable(x)) is not None]
+    if problems:
+        raise TypeError("the state cannot be saved; these leaves are not arrays or "
+                        "numbers:\n" + "\n".join(problems))
+
+
+def to_saveable(tree: Any) -> Any:
+    """The tree handed to Orbax's save, after :func:`check_saveable`.
+
+    Typed PRNG keys become their raw ``uint32`` key data (readable by any Orbax user, and
+    wrapped back into a typed key of the target's impl on restore). Python ``int``,
+    ``float`` and ``bool`` leaves are left to Orbax, which stores them as 0-d int64,
+    float64 and bool values and reads them back as the same Python type: a Flax
+    ``TrainState.create`` step of ``0`` comes back as ``0``, an int. Into an array target
+    leaf, such a value takes the array's dtype (see the module docstring).
+
+    Raises:
+      TypeError: a leaf cannot be saved (see :func:`check_saveable`).
+    """
+    check_saveable(tree)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
+
+
+# -- restore side -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePlan:
+    """How to restore one saved tree into one target.
+
+    Attributes:
+      abstract: what to hand Orbax's restore (the target's pytree, each leaf a
+        ``jax.ShapeDtypeStruct`` with a sharding, a numpy array or a Python scalar).
+      finish: maps Orbax's result to the target's own leaf kinds (typed keys rewrapped,
+        numpy stays numpy, Python scalars stay Python scalars, arrays placed like the
+        target).
+    """
+
+    abstract: Any
+    finish: Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafPlan:
+    abstract: Any
+    finish: Callable[[Any], Any]
+
+
+def restore_plan(saved_tree: Any, target: Any, step: int | None = None) -> RestorePlan:
+    """Check ``target`` against ``saved_tree`` and plan the restore into it.
+
+    Args:
+      saved_tree: the saved item's metadata tree (Orbax ``item_metadata(...).tree``), or
+        None to trust ``target`` (no checks; a saved Python scalar then restores through
+        Orbax's own conversion).
+      target: any pytree of ``jax.Array``, ``jax.ShapeDtypeStruct`` (with or without a
+        sharding), typed or raw PRNG keys, numpy arrays and scalars, Python scalars and
+        ``None``; or None for the saved tree as numpy arrays (Python scalars as saved).
+      step: the checkpoint's step, for messages.
+
+    Raises:
+      RestoreStructureError: leaves missing on either side, or differing in shape or
+        dtype; each listed by path, with the fix.
+      TypeError: a target leaf is not an array, abstract array or Python scalar.
+    """
+    if target is None:
+        return _saved_plan(saved_tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    paths = [path_str(p) for p, _ in flat]
+    leaves = [x for _, x in flat]
+    _check_target_leaves(paths, leaves)
+    saved = None if saved_tree is None else _saved_leaves(saved_tree)
+    if saved is not None:
+        _check_against_saved(saved, dict(zip(paths, leaves)), step)
+    plans = [_leaf_plan(p, x, None if saved is None else saved[p])
+             for p, x in zip(paths, leaves)]
+    return _assemble(treedef, plans)
+
+
+def _assemble(treedef: Any, plans: list[_LeafPlan]) -> RestorePlan:
+    def finish(restored: Any) -> Any:
+        values = treedef.flatten_up_to(restored)
+        return treedef.unflatten([p.finish(v) for p, v in zip(plans, values)])
+    return RestorePlan(treedef.unflatten([p.abstract for p in plans]), finish)
+
+
+def _saved_leaves(saved_tree: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(saved_tree, is_leaf=_is_saved_leaf)
+    return {path_str(p): m for p, m in flat}
+
+
+def _check_target_leaves(paths: list[str], leaves: list[Any]) -> None:
+    bad = [f"  {p or '<root>'}: a {type(x).__qualname__}" for p, x in zip(paths, leaves)
+           if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)
+                             + _PY_SCALARS)]
+    if bad:
+        raise TypeError("restore target leaves must be arrays, jax.ShapeDtypeStruct or "
+                        "Python scalars; these are not:\n" + "\n".join(bad) +
+                        "\nMark such fields static (flax.struct.field(pytree_node=False)) "
+                        "or build the target from the same code that built the saved state.")
+
+
+def _expected(x: Any) -> tuple[tuple, Any]:
+    """Shape and dtype of what is saved for target leaf ``x``."""
+    if is_prng_key(x):
+        data = jax.eval_shape(jax.random.key_data, x)
+        return tuple(data.shape), np.dtype(data.dtype)
+    if isinstance(x, _PY_SCALARS):
+        return (), None
+    return tuple(x.shape), np.dtype(x.dtype)
+
+
+def _shape_problem(path: str, x: Any, meta: Any) -> str | None:
+    if not is_array_metadata(meta):
+        return f"  {path}: checkpoint holds a {type(meta).__name__}, not an array"
+    shape = _expected(x)[0]
+    if tuple(meta.shape) != shape:
+        return f"  {path}: checkpoint shape {tuple(meta.shape)}, target shape {shape}"
+    return None
+
+
+def _dtype_problem(path: str, x: Any, meta: Any) -> str | None:
+    saved = np.dtype(meta.dtype)
+    if isinstance(x, _PY_SCALARS):
+        wanted = type(x).__name__
+        if _kind(saved) != wanted:
+            return f"  {path}: checkpoint dtype {saved}, target is a Python {wanted}"
+        return None
+    dtype = _expected(x)[1]
+    if _saved_as_python_scalar(meta):
+        if _kind(saved) == _kind(dtype) or (_kind(saved), _kind(dtype)) == ("int", "float"):
+            return None
+        return f"  {path}: checkpoint holds a Python {_kind(saved)}, target dtype {dtype}"
+    if saved != dtype:
+        return f"  {path}: checkpoint dtype {saved}, target dtype {dtype}"
+    return None
+
+
+def _check_against_saved(saved: dict[str, Any], wanted: dict[str, Any], step: Any) -> None:
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
-    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-    if not (missing or extra or shapes):
+    both = sorted(set(saved) & set(wanted))
+    shapes = {k: line for k in both
+              if (line := _shape_problem(k, wanted[k], saved[k])) is not None}
+    dtypes = [line for k in both if k not in shapes
+              and (line := _dtype_problem(k, wanted[k], saved[k])) is not None]
+    if not (missing or extra or shapes or dtypes):
         return
-    lines = [f"restore target does not match checkpoint step {step}:"]
+    at = f" step {step}" if step is not None else ""
+    lines = [f"restore target does not match checkpoint{at}:"]
     if missing:
         lines.append(f"  in target, not in checkpoint: {missing}")
     if extra:
         lines.append(f"  in checkpoint, not in target: {extra}")
-    for k in shapes:
-        lines.append(f"  {k}: checkpoint shape {saved[k]}, target shape {wanted[k]}")
-    lines.append("Build the target from the same model/optimizer config that wrote the "
-                 "checkpoint, or restore with target=None to get the saved arrays as numpy.")
+    lines += list(shapes.values()) + dtypes
+    if missing or extra or shapes:
+        lines.append("Build the target from the same model/optimizer config that wrote the "
+                     "checkpoint, or restore with target=None to get the saved arrays as "
+                     "numpy.")
+    if dtypes:
+        lines.append("Nothing is cast silently: restore with target=None, or build the target "
+                     "with the saved dtype (e.g. jax.ShapeDtypeStruct(shape, saved_dtype, "
+                     "sharding=...)) and cast after restoring.")
     raise RestoreStructureError("\n".join(lines))
 
 
-def to_saveable_abstract(target: Any) -> Any:
-    def one(x):
-        if is_prng_key(x):
-            return jax.eval_shape(jax.random.key_data, x)
-        return x
-    return jax.tree.map(one, target)
+def _leaf_plan(path: str, x: Any, meta: Any) -> _LeafPlan:
+    if isinstance(x, _PY_SCALARS):
+        kind = type(x)
+        return _LeafPlan(kind(), kind)
+    if is_prng_key(x):
+        return _key_plan(x)
+    if isinstance(x, (np.ndarray, np.generic)):
+        return _numpy_plan(path, x, meta)
+    return _array_plan(path, x, meta)
 
 
-def abstract_target(target: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """The Orbax restore target for ``target`` and a function undoing the key conversion."""
-    is_key = jax.tree.map(is_prng_key, target)
-    impls = jax.tree.map(lambda x: key_impl(x) if is_prng_key(x) else None, target)
-    host = jax.tree.map(lambda x: isinstance(x, (np.ndarray, np.generic)), target)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+def _target_sharding(x: Any) -> jax.sharding.Sharding:
+    # A numpy array has no sharding; a ShapeDtypeStruct may have none.
+    return getattr(x, "sharding", None) or _local_sharding()
 
-    def one(x):
-        if is_prng_key(x):
-            data = jax.eval_shape(jax.random.key_data, x)
-            sharding = getattr(x, "sharding", None) or local
-            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=key_data_sharding(
-                sharding, data.ndim))
-        sharding = getattr(x, "sharding", None)
-        if isinstance(x, (np.ndarray, np.generic)) or sharding is None:
-            sharding = local
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
-    abstract = jax.tree.map(one, target)
+def _placed(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    # Orbax hands back numpy for leaves it read as host values; the target wants devices.
+    return value if isinstance(value, jax.Array) else jax.device_put(value, sharding)
 
-    def rewrap(restored):
-        def back(x, key, impl, to_host):
-            if key:
-                return jax.random.wrap_key_data(x, impl=impl)
-            return np.asarray(x) if to_host else x
-        return jax.tree.map(back, restored, is_key, impls, host)
 
-    return abstract, rewrap
+def _key_plan(x: Any) -> _LeafPlan:
+    data = jax.eval_shape(jax.random.key_data, x)
+    sharding = key_data_sharding(_target_sharding(x), data.ndim)
+    impl = key_impl(x)
+    abstract = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return _LeafPlan(abstract, lambda v: jax.random.wrap_key_data(_placed(v, sharding),
+                                                                  impl=impl))
+
+
+def _array_plan(path: str, x: Any, meta: Any) -> _LeafPlan:
+    sharding = _target_sharding(x)
+    dtype = np.dtype(x.dtype)
+    if meta is not None and _saved_as_python_scalar(meta):
+        return _LeafPlan(_python_zero(meta),
+                         lambda v: _placed(_weak_scalar(path, v, dtype), sharding))
+    abstract = jax.ShapeDtypeStruct(tuple(x.shape), dtype, sharding=sharding)
+    return _LeafPlan(abstract, lambda v: _placed(v, sharding))
+
+
+def _numpy_plan(path: str, x: Any, meta: Any) -> _LeafPlan:
+    dtype = np.dtype(x.dtype)
+    again = dtype.type if isinstance(x, np.generic) else np.asarray
+    if meta is not None and _saved_as_python_scalar(meta):
+        return _LeafPlan(_python_zero(meta), lambda v: again(_weak_scalar(path, v, dtype)))
+    # Orbax reads into numpy when handed a numpy array of the saved shape and dtype.
+    return _LeafPlan(np.asarray(x), lambda v: again(np.asarray(v)))
+
+
+def _python_zero(meta: Any) -> Any:
+    """A Python scalar of the saved kind: Orbax then reads the value as that type."""
+    return {"bool": False, "int": 0, "float": 0.0, "complex": 0j}[_kind(meta.dtype)]
+
+
+def _weak_scalar(path: str, value: Any, dtype: np.dtype) -> np.ndarray:
+    """A saved Python scalar in ``dtype``, as JAX converts a weakly typed scalar; an
+    integer that does not fit is refused, not wrapped around."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.item()
+    if _kind(dtype) == "int" and isinstance(value, int) and not isinstance(value, bool):
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise RestoreStructureError(
+                f"restore target leaf {path} has dtype {dtype}, but the checkpoint holds the "
+                f"Python int {value}, which does not fit. Build the target with a wider "
+                "dtype (or a Python int), or restore with target=None.")
+    return np.asarray(value, dtype=dtype)
+
+
+def _saved_plan(saved_tree: Any) -> RestorePlan:
+    """target=None: arrays as numpy on the local host, Python scalars as saved."""
+    leaves, treedef = jax.tree_util.tree_flatten(saved_tree, is_leaf=_is_saved_leaf)
+    plans = []
+    for meta in leaves:
+        if _saved_as_python_scalar(meta):
+            plans.append(_LeafPlan(_python_zero(meta), lambda v: v))
+        elif isinstance(meta, ocp_metadata.StringMetadata):
+            plans.append(_LeafPlan("", lambda v: v))  # foreign checkpoints may hold text
+        else:
+            plans.append(_LeafPlan(local_abstract(meta), np.asarray))
+    return _assemble(treedef, plans)
+
+
+def local_abstract(meta: Any) -> Any:
+    """A saved array's shape and dtype on this host's first device (any topology)."""
+    if not is_array_metadata(meta):
+        return meta
+    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=_local_sharding())
 
 
 def key_impl(x: Any) -> Any:
     """The PRNG implementation of a typed key, concrete or abstract (ShapeDtypeStruct)."""
     if isinstance(x, jax.Array):
         return jax.random.key_impl(x)
-    return getattr(x.dtype, "_impl", None)  # a key dtype carries its impl
+    # key_impl takes arrays only; under tracing an abstract key is one.
+    found = []
+    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), x)
+    return found[0]
 
 
 def key_data_sharding(sharding: Any, ndim: int) -> Any:
+    """A typed key's sharding, extended over the trailing key-data axis (replicated)."""
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
         return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:ndim]))
     return sharding
+
+
+# -- the manager's current calls (kept until it calls restore_plan) ----------------------
+
+
+def check_structure(saved_tree: Any, target: Any, step: int) -> None:
+    """Raise :class:`RestoreStructureError` when ``target`` does not fit ``saved_tree``."""
+    restore_plan(saved_tree, target, step)
+
+
+def abstract_target(target: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``(abstract, rewrap)`` for ``target``, trusting that it fits what was saved."""
+    plan = restore_plan(None, target)
+    return plan.abstract, plan.finish

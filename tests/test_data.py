@@ -293,3 +293,36 @@ def test_load_tfds_mock_mnist_with_grain_batching(tmp_path):
 def test_load_tfds_unprepared_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="not prepared"):
         data.load_tfds("mnist", split="train", data_dir=tmp_path)
+
+
+# -- the data contract of Trainer.fit ---------------------------------------------------
+
+
+def test_as_dataset_accepts_the_documented_forms(splits):
+    import jax.numpy as jnp
+
+    x, y = np.arange(12, dtype=np.float32).reshape(6, 2), np.arange(6)
+    for form in [(x, y), [x, y], (jnp.asarray(x), jnp.asarray(y))]:
+        ds = data.as_dataset(form, "image", "label")
+        assert len(ds) == 6 and set(ds[5]) == {"image", "label"}
+        np.testing.assert_array_equal(ds[5]["image"], x[5])
+        assert ds[5]["label"] == 5
+    keyed = data.as_dataset({"pixels": x, "digit": y})
+    assert set(keyed[0]) == {"pixels", "digit"}
+    assert set(data.as_dataset(x, input_key="inputs")[0]) == {"inputs"}
+    assert data.as_dataset(splits["train"]) is splits["train"]
+    source = [{"image": x[i], "label": y[i]} for i in range(6)]  # any random-access source
+    assert data.as_dataset(source)[3]["label"] == 3
+    assert data.as_dataset(None) is None
+
+
+def test_as_dataset_and_check_keys_name_the_problem():
+    x = np.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"share their first .*lengths \{'image': 4, 'label': 3\}"):
+        data.as_dataset((x, np.zeros(3)))
+    with pytest.raises(TypeError, match=r"cannot train on a set"):
+        data.as_dataset({1, 2})
+    with pytest.raises(ValueError, match=r"batch has keys \['x', 'y'\] but the Trainer reads "
+                                         r"'image'; set Trainer\(input_key=\.\.\."):
+        data.check_keys({"x": 1, "y": 2}, "image", "y")
+    data.check_keys({"image": 1, "label": 2}, "image", "label")

@@ -85,7 +85,7 @@ def test_tutorial_keeps_best_45_and_latest_50_all_others_deleted_from_the_bucket
 
     with CheckpointManager(directory, read_only=True) as mngr:
         assert (mngr.best_step(), mngr.latest_step(), mngr.steps()) == (45, 50, [45, 50])
-        assert mngr.kept_reasons() == {45: ["best #1"], 50: ["latest"]}
+        assert {s: [str(r) for r in rs] for s, rs in mngr.kept_reasons().items()} == {45: ["best #1"], 50: ["latest"]}
         history = mngr.history()
         assert [h["step"] for h in history] == list(range(1, 51))
         assert history[44] == {"step": 45, "metrics": {"val_loss": 0.61, "loss": 0.61 + 0.1}}

@@ -111,7 +111,8 @@ def test_a_newer_writers_manifest_is_unverified_never_set_aside(ckpt, caplog, fi
     manifest_file.write_text(json.dumps(manifest))
     with caplog.at_level("WARNING", logger="jaxckpt"), CheckpointManager(d, POLICY) as m:
         assert m.steps() == [2, 3, 4]
-        assert m.verify(4, strict=True) == {4: [integrity.UNVERIFIED]}
+        assert m.verify(4, strict=True) == {4: [m.verdicts()[4].describe()]}
+        assert not m.verdicts()[4].has_manifest and m.verdicts()[4].ok
         with pytest.warns(UserWarning, match="checkpoint 4 .* restoring it unverified"):
             assert leaves_equal(m.restore("latest", target=init_state()), states[4])
         m.save(5, init_state(), metrics={"val_loss": 0.9})
@@ -290,7 +291,8 @@ def test_missing_manifest_is_unverified_but_usable(ckpt):
         assert m.steps() == [2, 3, 4]
         with pytest.warns(UserWarning, match=r"\[4\] .* no manifest: unverified but usable"):
             assert m.verify() == {2: [], 3: [], 4: []}
-        assert m.verify(4, strict=True) == {4: [integrity.UNVERIFIED]}
+        assert m.verify(4, strict=True) == {4: [m.verdicts()[4].describe()]}
+        assert not m.verdicts()[4].has_manifest and m.verdicts()[4].ok
         with pytest.warns(UserWarning, match="checkpoint 4 .* no manifest .* unverified"):
             assert leaves_equal(m.restore("latest", target=init_state()), states[4])
 
@@ -353,7 +355,7 @@ def test_symlink_out_of_the_checkpoint_is_rejected(ckpt, tmp_path):
     ({"format": "jaxckpt/1", "step": 4, "reason": 3}, "reason must be a string"),
 ])
 def test_meta_schema(meta, problem):
-    problems = integrity.validate_meta(meta, 4)
+    problems = jaxckpt.format.validate_meta(meta, 4)
     if problem is None:
         assert problems == []
     else:
@@ -366,7 +368,7 @@ def test_meta_schema(meta, problem):
     ({"__bytes_b64__": 3}, False), ({}, False), ({"value": 1, "x": 2}, False), ("x", False),
 ])
 def test_data_state_schema(stored, ok):
-    assert (integrity.validate_data_state(stored) == []) == ok
+    assert (jaxckpt.format.validate_data_state(stored) == []) == ok
 
 
 # -- no pickle anywhere ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_tutorial_keeps_best_45_and_latest_50(tmp_path, async_save):
     latest = mngr.restore("latest")
     assert leaves_equal(latest["params"], states[50].params)
     assert mngr.restore_data_state("best") == {"epoch": 45}
-    assert mngr.kept_reasons() == {45: ["best #1"], 50: ["latest"]}
+    assert {s: [str(r) for r in rs] for s, rs in mngr.kept_reasons().items()} == {45: ["best #1"], 50: ["latest"]}
     mngr.close()
 
 

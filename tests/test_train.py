@@ -162,7 +162,7 @@ def test_early_stopping_stops_and_restores_best(splits, tmp_path):
                     checkpoint=tmp_path, early_stopping=es)
     assert len(h.rows) < 30 and h.events[-1]["event"] == "early_stop"
     best = h.best_epoch
-    assert len(h.rows) == best + 2  # patience 1: two epochs without improvement
+    assert len(h.rows) == best + 1  # patience 1: one epoch without improvement (as Keras)
     val = trainer.evaluate(splits["validation"])
     assert val["loss"] == pytest.approx(h.rows[best - 1]["val_loss"], rel=1e-5)
 
@@ -292,3 +292,372 @@ def test_pmap_checkpoint_resumes_in_sharded_mode_on_two_devices(splits, data_dir
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from checkpoint step" in out.stdout
     assert "EPOCHS 2 SHARDS 2" in out.stdout
+
+
+# -- the user's side of fit: data forms, monitors, resume, signals, callbacks ------------
+
+
+def xy(n=512, seed=0):
+    """A learnable 10-class problem as plain (x, y) numpy arrays (8x8 "images")."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+    y = np.argmax(x.reshape(n, -1)[:, :10], axis=1).astype(np.int32)
+    return x, y
+
+
+def quiet_trainer(**kw):
+    return jaxckpt.Trainer(MLP(), optax.adam(1e-2), quiet=True, **kw)
+
+
+class Recorder(jaxckpt.Callback):
+    """Every hook call, in order, with the arguments a test wants to see."""
+
+    def __init__(self, stop_at_epoch=None):
+        self.calls, self.stop_at_epoch = [], stop_at_epoch
+
+    def on_train_begin(self, trainer, logs):
+        self.calls.append(("train_begin", logs["initial_step"], tuple(logs["metric_names"])))
+
+    def on_epoch_begin(self, trainer, epoch, logs):
+        self.calls.append(("epoch_begin", epoch))
+
+    def on_step_begin(self, trainer, step, logs):
+        self.calls.append(("step_begin", step))
+
+    def on_step_end(self, trainer, step, logs):
+        self.calls.append(("step_end", step, float(logs["loss"])))
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.calls.append(("epoch_end", epoch, logs["val_loss"]))
+        if epoch == self.stop_at_epoch:
+            trainer.stop_training = True
+
+    def on_checkpoint_saved(self, trainer, step, logs):
+        self.calls.append(("saved", step, logs["reason"]))
+
+    def on_train_end(self, trainer, logs):
+        self.calls.append(("train_end", logs["status"]))
+
+
+def test_fit_takes_xy_arrays_jax_arrays_and_dicts_with_any_keys():
+    x, y = xy()
+    h = quiet_trainer().fit((x[:448], y[:448]), (x[448:], y[448:]), epochs=3, batch_size=64)
+    assert h.rows[-1]["val_accuracy"] > h.rows[0]["val_accuracy"]
+    h_jax = quiet_trainer().fit((jax.numpy.asarray(x[:448]), jax.numpy.asarray(y[:448])),
+                                (x[448:], y[448:]), epochs=3, batch_size=64)
+    assert [r["loss"] for r in h_jax.rows] == [r["loss"] for r in h.rows]
+    keyed = quiet_trainer(input_key="pixels", label_key="digit")
+    h_dict = keyed.fit({"pixels": x[:448], "digit": y[:448]}, {"pixels": x[448:], "digit": y[448:]},
+                       epochs=3, batch_size=64)
+    assert [r["loss"] for r in h_dict.rows] == [r["loss"] for r in h.rows]
+    assert keyed.evaluate({"pixels": x[448:], "digit": y[448:]})["loss"] == \
+        pytest.approx(h_dict.rows[-1]["val_loss"], rel=1e-6)
+
+
+def test_missing_keys_name_the_keys_and_the_fix():
+    x, y = xy(128)
+    with pytest.raises(ValueError, match=r"batch has keys \['x', 'y'\].*Trainer\(input_key=\.\.\., "
+                                         r"label_key=\.\.\.\)"):
+        quiet_trainer().fit({"x": x, "y": y}, epochs=1, batch_size=64)
+    with pytest.raises(ValueError, match="share their first"):
+        quiet_trainer().fit((x, y[:10]), epochs=1, batch_size=64)
+
+
+def counted(x, y):
+    """(x, y) as a dataset that counts the examples read (none may be read for training)."""
+    import grain
+    reads = []
+
+    def read(i, ex):
+        reads.append(i)
+        return ex
+    ds = jaxckpt.data.as_dataset((x, y), "image", "label").map_with_index(read)
+    return ds, reads
+
+
+@pytest.mark.parametrize("policy_monitor,es_monitor,val,listed", [
+    ("val_acc", None, True, "['loss', 'accuracy', 'val_loss', 'val_accuracy']"),
+    ("val_loss", None, False, "(val_* metrics need val_data)"),
+    (None, "val_los", True, "EarlyStopping monitors 'val_los'"),
+])
+def test_wrong_monitor_fails_before_training_naming_what_fit_produces(
+        tmp_path, policy_monitor, es_monitor, val, listed):
+    x, y = xy(256)
+    train, reads = counted(x, y)
+    policy = jaxckpt.CheckpointPolicy(monitor=policy_monitor) if policy_monitor else None
+    es = jaxckpt.EarlyStopping(monitor=es_monitor, mode="min") if es_monitor else None
+    with pytest.raises(jaxckpt.MetricError) as e:
+        quiet_trainer().fit(train, (x[:64], y[:64]) if val else None, epochs=5, batch_size=64,
+                            checkpoint=tmp_path / "ck", policy=policy, early_stopping=es)
+    assert listed in str(e.value)
+    assert set(reads) <= {0}  # the first example (for keys and shapes), no batch
+    assert not (tmp_path / "ck").exists()  # nothing opened, nothing written
+
+
+def test_resume_auto_says_what_is_left_and_never_refuses_a_used_directory(tmp_path, capsys):
+    x, y = xy()
+    data = dict(val_data=(x[448:], y[448:]), batch_size=64, checkpoint=tmp_path)
+    quiet_trainer().fit((x[:448], y[:448]), epochs=2, **data)
+    capsys.readouterr()
+    h = quiet_trainer().fit((x[:448], y[:448]), epochs=2, **data)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "resumed from checkpoint step 14" in out
+    assert "nothing left to do: the run finished at epoch 2" in out
+    assert len(h.rows) == 2
+    with pytest.raises(ValueError, match=r"resume='never'.*already holds checkpoints \(steps "):
+        quiet_trainer().fit((x[:448], y[:448]), epochs=3, resume="never", **data)
+    fresh = quiet_trainer().fit((x[:448], y[:448]), epochs=1, resume="never",
+                                **{**data, "checkpoint": tmp_path / "new"})
+    assert len(fresh.rows) == 1
+    quiet_trainer().fit((x[:448], y[:448]), epochs=3, resume="latest", **data)
+    assert "1 of 3 epochs to train" in capsys.readouterr().out
+
+
+def test_resume_latest_best_and_step_need_that_checkpoint(tmp_path):
+    x, y = xy(256)
+    t = quiet_trainer()
+    with pytest.raises(jaxckpt.CheckpointNotFoundError, match="holds no checkpoint"):
+        t.fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path, resume="latest")
+    with pytest.raises(ValueError, match="needs checkpoint="):
+        t.fit((x, y), epochs=1, batch_size=64, resume="best")
+    policy = jaxckpt.CheckpointPolicy(monitor="loss", keep_best=1, keep_latest=2)
+    # lr 10: the loss jumps about, so the best checkpoint is not the latest
+    jaxckpt.Trainer(MLP(), optax.sgd(10.0), quiet=True).fit(
+        (x, y), epochs=4, batch_size=64, checkpoint=tmp_path, policy=policy)
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        steps, best = m.steps(), m.best_step()
+    with pytest.raises(jaxckpt.CheckpointNotFoundError, match=r"no checkpoint 3 .* \["):
+        t.fit((x, y), epochs=5, batch_size=64, checkpoint=tmp_path, resume=3)
+    older = [s for s in steps if s != max(steps)][0]
+    with pytest.raises(ValueError, match=rf"start a new run from it.*resume='.*/{older}'"):
+        t.fit((x, y), epochs=5, batch_size=64, checkpoint=tmp_path, resume=older)
+    assert best is not None
+
+
+def test_resume_from_another_runs_path_fine_tunes_from_its_params(tmp_path, capsys):
+    x, y = xy()
+    source = quiet_trainer()
+    source.fit((x[:448], y[:448]), (x[448:], y[448:]), epochs=2, batch_size=64,
+               checkpoint=tmp_path / "pretrain")
+    with jaxckpt.CheckpointManager(tmp_path / "pretrain", read_only=True) as m:
+        best = m.best_step()
+        best_params = m.restore("best")["params"]
+    capsys.readouterr()
+    tuned = jaxckpt.Trainer(MLP(), optax.sgd(0.0), quiet=True)  # lr 0: params stay put
+    h = tuned.fit((x[:448], y[:448]), epochs=1, batch_size=64, checkpoint=tmp_path / "tune",
+                  resume=str(tmp_path / "pretrain"))
+    out = capsys.readouterr().out
+    assert f"fine-tuning from checkpoint step {best} of {tmp_path / 'pretrain'}" in out
+    assert leaves_equal(tuned.state.params, best_params)
+    assert int(tuned.state.step) == 7 and len(h.rows) == 1  # its own count, from 0
+    with pytest.raises(jaxckpt.RestoreStructureError, match="do not fit this model"):
+        jaxckpt.Trainer(NNXMLP(nnx.Rngs(0)), optax.adam(1e-3), quiet=True).fit(
+            (x, y), epochs=1, batch_size=64, resume=str(tmp_path / "pretrain" / str(best)))
+
+
+class SendSignal(jaxckpt.Callback):
+    """Delivers real signals to this process after step ``at`` (like a user or a scheduler)."""
+
+    def __init__(self, at, *signums):
+        self.at, self.signums = at, signums
+
+    def on_step_end(self, trainer, step, logs):
+        if step == self.at:
+            for signum in self.signums:
+                os.kill(os.getpid(), signum)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_a_rerun_ends_bitwise_equal(tmp_path, capsys):
+    x, y = xy()
+    args = dict(val_data=(x[448:], y[448:]), epochs=3, batch_size=64, seed=5)
+    reference = quiet_trainer()
+    ref = reference.fit((x[:448], y[:448]), **args)
+    with pytest.raises(SystemExit) as e:
+        quiet_trainer().fit((x[:448], y[:448]), checkpoint=tmp_path,
+                            callbacks=[SendSignal(10, signal.SIGINT)], **args)
+    assert e.value.code == 130
+    out = capsys.readouterr()
+    assert "Ctrl-C: saved checkpoint at step 10" in out.out and "Rerun the same command" in out.out
+    assert "Traceback" not in out.out + out.err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.latest_step() == 10
+    again = quiet_trainer()
+    h = again.fit((x[:448], y[:448]), checkpoint=tmp_path, **args)
+    assert [r["loss"] for r in h.rows] == [r["loss"] for r in ref.rows]
+    assert leaves_equal(again.state.params, reference.state.params)
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    x, y = xy(256)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_trainer().fit((x, y), epochs=3, batch_size=64, checkpoint=tmp_path,
+                            callbacks=[SendSignal(2, signal.SIGINT, signal.SIGINT)])
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.steps() == []  # aborted: nothing saved on the way out
+
+
+def test_ctrl_c_during_start_up_is_not_swallowed(tmp_path, capsys):
+    x, y = xy(256)
+
+    pressed = []
+
+    def interrupt_on_first_read(i, ex):
+        if not pressed:
+            pressed.append(i)
+            os.kill(os.getpid(), signal.SIGINT)
+        return ex
+    train = jaxckpt.data.as_dataset((x, y)).map_with_index(interrupt_on_first_read)
+    with pytest.raises(SystemExit) as e:
+        quiet_trainer().fit(train, epochs=3, batch_size=64, checkpoint=tmp_path)
+    assert e.value.code == 130
+    assert "Ctrl-C: nothing trained yet" in capsys.readouterr().out
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.steps() == []
+
+
+def test_a_manager_fit_opened_is_closed_and_the_callers_stays_open(tmp_path):
+    x, y = xy(256)
+    quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path / "own")
+    with jaxckpt.CheckpointManager(tmp_path / "own") as again:  # the lock was released
+        assert again.latest_step() == 4
+    with jaxckpt.CheckpointManager(tmp_path / "mine",
+                                   jaxckpt.CheckpointPolicy(monitor="loss")) as mine:
+        t = quiet_trainer()
+        t.fit((x, y), epochs=1, batch_size=64, checkpoint=mine)
+        assert mine.save(100, t.state, metrics={"loss": 0.0})  # still open, still ours
+        assert mine.latest_step() == 100
+
+
+CALLER_OWNED_SIGTERM = """
+import os, signal, sys, numpy as np, optax, jaxckpt
+sys.path.insert(0, {tests!r})
+from _util import MLP
+from test_train import SendSignal, xy
+x, y = xy(256)
+with jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(monitor="loss")) as m:
+    jaxckpt.Trainer(MLP(), optax.adam(1e-2), quiet=True).fit(
+        (x, y), epochs=3, batch_size=64, checkpoint=m, callbacks=[SendSignal(6, signal.SIGTERM)])
+    print("NOT REACHED")
+"""
+
+
+def test_sigterm_with_a_caller_owned_manager_exits_zero(tmp_path):
+    code = CALLER_OWNED_SIGTERM.format(tests=str(REPO / "tests"))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SIGTERM: saved checkpoint at step 6" in out.stdout
+    assert "NOT REACHED" not in out.stdout and "closed" not in out.stderr
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.latest_step() == 6
+
+
+def test_callbacks_see_every_hook_in_order_and_can_stop(tmp_path):
+    x, y = xy(256)
+    rec = Recorder(stop_at_epoch=2)
+    h = quiet_trainer().fit((x, y), (x[:64], y[:64]), epochs=5, batch_size=64,
+                            checkpoint=tmp_path, callbacks=[rec])
+    kinds = [c[0] for c in rec.calls]
+    assert rec.calls[0] == ("train_begin", 0, ("loss", "accuracy", "val_loss", "val_accuracy"))
+    assert kinds[1:11] == ["epoch_begin"] + ["step_begin", "step_end"] * 4 + ["saved"]
+    assert [c[1] for c in rec.calls if c[0] == "step_end"] == list(range(1, 9))
+    assert [c for c in rec.calls if c[0] == "epoch_end"] == [
+        ("epoch_end", r["epoch"], r["val_loss"]) for r in h.rows]
+    assert rec.calls[-1] == ("train_end", "stopped") and len(h.rows) == 2
+    assert h.events[-1]["event"] == "stop"
+    again = Recorder()
+    h = quiet_trainer().fit((x, y), (x[:64], y[:64]), epochs=3, batch_size=64,
+                            checkpoint=tmp_path, callbacks=[again])
+    assert again.calls[0][1] == 8 and len(h.rows) == 3  # continued where the stop saved
+
+
+def test_evaluate_compiles_once_and_has_no_private_arguments(tmp_path):
+    import inspect
+    assert not [p for p in inspect.signature(jaxckpt.Trainer.evaluate).parameters
+                if p.startswith("_")]
+    x, y = xy(256)
+    t = quiet_trainer()
+    t.fit((x, y), epochs=1, batch_size=64)
+    t.evaluate((x, y))
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event
+        else None)
+    first = t.evaluate((x[:100], y[:100]), batch_size=256)
+    second = t.evaluate((x[100:200], y[100:200]), batch_size=256)
+    assert compiles == [] and first != second
+
+
+def test_predict_returns_every_output_in_order():
+    x, y = xy(300)
+    t = quiet_trainer()
+    t.fit((x, y), epochs=1, batch_size=64)
+    out = t.predict(x[:203], batch_size=64)  # 203: the last batch is padded, then cut
+    want = MLP().apply({"params": t.state.params}, x[:203])
+    assert out.shape == (203, 10)
+    np.testing.assert_allclose(out, np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(t.predict((x[:203], y[:203]), batch_size=64), out)
+
+
+def test_a_regression_trains_with_a_user_loss():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(512, 4)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)).astype(np.float32)
+
+    class Linear(jaxckpt.train.nn.Module):
+        @jaxckpt.train.nn.compact
+        def __call__(self, x):
+            return jaxckpt.train.nn.Dense(1)(x)
+    t = jaxckpt.Trainer(Linear(), optax.adam(0.1), loss_fn=lambda p, t: (p - t) ** 2,
+                        metrics={"mae": lambda p, t: abs(p - t)}, quiet=True)
+    h = t.fit((x, y), (x[:64], y[:64]), epochs=8, batch_size=64)
+    assert h.metric_names == ["loss", "mae", "val_loss", "val_mae"] or \
+        set(h.metric_names) == {"loss", "mae", "val_loss", "val_mae"}
+    assert h.rows[-1]["val_loss"] < 0.01 * h.rows[0]["val_loss"]
+
+
+def test_a_user_step_function_trains_and_its_metrics_can_be_monitored(tmp_path):
+    x, y = xy(256)
+
+    def step(state, batch):
+        def loss(params):
+            logits = state.apply_fn({"params": params}, batch["image"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        value, grads = jax.value_and_grad(loss)(state.params)
+        grads = jax.tree.map(lambda g: jax.numpy.clip(g, -1, 1), grads)
+        return state.apply_gradients(grads), {"loss": value,
+                                              "grad_norm": optax.global_norm(grads)}
+    policy = jaxckpt.CheckpointPolicy(monitor="grad_norm", mode="min")
+    t = quiet_trainer(step_fn=step)
+    h = t.fit((x, y), epochs=2, batch_size=64, checkpoint=tmp_path, policy=policy)
+    assert {"loss", "grad_norm"} <= set(h.rows[0]) and h.rows[1]["loss"] < h.rows[0]["loss"]
+    with pytest.raises(jaxckpt.MetricError, match=r"produces \['grad_norm', 'loss'\]"):
+        quiet_trainer(step_fn=step).fit((x, y), epochs=1, batch_size=64,
+                                        checkpoint=tmp_path / "b",
+                                        policy=jaxckpt.CheckpointPolicy(monitor="accuracy"))
+
+
+class Dense37(jaxckpt.train.nn.Module):
+    """An MLP whose first kernel has a shape no other test's arrays have: (64, 37)."""
+
+    @jaxckpt.train.nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        return jaxckpt.train.nn.Dense(10)(jaxckpt.train.nn.Dense(37)(x))
+
+
+class LiveArrays(jaxckpt.Callback):
+    def on_train_begin(self, trainer, logs):
+        self.kernels = [a for a in jax.live_arrays() if a.shape == (64, 37)]
+
+
+def test_fit_builds_the_state_sharded_with_no_full_copy_on_one_device():
+    x, y = xy(256)
+    seen = LiveArrays()
+    t = jaxckpt.Trainer(Dense37(), optax.adam(1e-3), quiet=True, fsdp=2)
+    t.fit((x, y), epochs=1, batch_size=64, callbacks=[seen])
+    # params and the two Adam moments: each born sharded over the FSDP axis
+    assert len(seen.kernels) == 3
+    assert all(len(a.sharding.device_set) == 4 and not a.sharding.is_fully_replicated
+               for a in seen.kernels)

@@ -8,9 +8,13 @@ epoch by validation loss and the latest one, 7. evaluate the best model on the t
 
 Run the same command again and it resumes: a finished run reports that nothing is left to
 do; an interrupted one (Ctrl-C, SIGKILL, a preempted machine) continues exactly where its
-last checkpoint left it. Checkpoints go to WORKDIR/checkpoints (inspect them with
-``jaxckpt ls WORKDIR/checkpoints``) and the loss curves to WORKDIR/history.png.
-``--checkpoint-dir gs://bucket/run`` puts the checkpoints in Google Cloud Storage instead.
+last checkpoint left it. It writes, and says at the end where:
+
+* WORKDIR/checkpoints: the best and the latest checkpoint (``jaxckpt ls WORKDIR/checkpoints``);
+  ``--checkpoint-dir gs://bucket/run`` puts them in Google Cloud Storage instead;
+* WORKDIR/history.csv and WORKDIR/tensorboard: written live, one row per epoch
+  (``tensorboard --logdir WORKDIR/tensorboard``);
+* WORKDIR/history.png: the loss and accuracy curves; WORKDIR/result.json: the test scores.
 """
 
 from __future__ import annotations
@@ -84,14 +88,18 @@ def main(argv=None) -> dict:
     policy = jaxckpt.CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1,
                                       keep_latest=1, every_n_epochs=1,
                                       every_n_steps=args.every_n_steps)
+    #    Loggers are callbacks: a CSV row and TensorBoard scalars as each epoch ends.
+    files = {name: os.path.join(args.workdir, name) for name in
+             ("history.csv", "tensorboard", "history.png", "result.json")}
+    loggers = [jaxckpt.CSVLogger(files["history.csv"]),
+               jaxckpt.TensorBoardLogger(files["tensorboard"])]
     start = time.perf_counter()
     history = trainer.fit(splits["train"], splits["validation"], epochs=args.epochs,
                           batch_size=args.batch_size, checkpoint=ckpt_dir, policy=policy,
-                          seed=args.seed)
+                          seed=args.seed, callbacks=loggers)
     seconds = time.perf_counter() - start
     print(history)
-    history.plot(os.path.join(args.workdir, "history.png"))
-    history.to_csv(os.path.join(args.workdir, "history.csv"))
+    history.plot(files["history.png"])
 
     # 7. Evaluate the best model: restore the best checkpoint and score the test split.
     with jaxckpt.CheckpointManager(ckpt_dir, read_only=True) as mngr:
@@ -99,15 +107,19 @@ def main(argv=None) -> dict:
         best_state = mngr.restore("best", target=trainer.state)
         best_metrics = mngr.metrics(best_step)
     test = trainer.evaluate(splits["test"], state=best_state)
-    result = {"best_step": best_step, "best_val_loss": best_metrics["val_loss"],
+    result = {"best_step": best_step, "best_epoch": history.best_epoch,
+              "best_val_loss": best_metrics["val_loss"],
               "best_val_accuracy": best_metrics["val_accuracy"],
               "test_loss": test["loss"], "test_accuracy": test["accuracy"],
               "fit_seconds": seconds}
     print(f"best checkpoint: step {best_step} (val_loss {best_metrics['val_loss']:.4f}, "
           f"val_accuracy {best_metrics['val_accuracy']:.4f}); test accuracy "
           f"{test['accuracy']:.4f}")
-    with open(os.path.join(args.workdir, "result.json"), "w") as f:
+    with open(files["result.json"], "w") as f:
         json.dump(result, f, indent=2)
+    print(f"wrote: {ckpt_dir} (checkpoints), {files['history.csv']}, {files['tensorboard']} "
+          f"(tensorboard --logdir {files['tensorboard']}), {files['history.png']}, "
+          f"{files['result.json']}")
     return result
 
 

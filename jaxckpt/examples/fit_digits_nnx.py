@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     predictions = jnp.argmax(best_model(jnp.asarray(batch["image"])), axis=-1)
     print(f"best checkpoint: step {best_step}; test accuracy {test['accuracy']:.4f}; "
           f"first test predictions {predictions.tolist()} vs labels {batch['label'].tolist()}")
+    print(f"wrote: {ckpt_dir} (checkpoints), {os.path.join(args.workdir, 'history.png')}")
     return {"best_step": best_step, **{f"test_{k}": v for k, v in test.items()}}
 
 

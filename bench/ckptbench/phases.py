@@ -1,0 +1,220 @@
+"""One measurement per function, each interleaving jaxckpt and raw Orbax alike.
+
+A phase takes a :class:`Context` (the workload, both savers, the save interval) and
+returns plain numbers; ``figures`` turns them into ratios. Orders are rotated or
+alternated between rounds, so load from other processes hits every kind alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from ckptbench import measure
+from ckptbench.progress import emit
+from ckptbench.workload import Workload
+
+KINDS = ("jaxckpt", "orbax")
+
+
+@dataclasses.dataclass
+class Context:
+    w: Workload
+    savers: dict[str, Any]  # kind -> JaxckptSaver / OrbaxSaver
+    every: int  # steps of training between saves
+    rss: measure.RssSampler
+    gstep: int = 0
+    last_step: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def save(self, kind: str) -> float:
+        """One save of the current state at a new step; returns how long it blocked."""
+        self.gstep += self.every
+        self.last_step[kind] = self.gstep
+        loss = self.w.loss()  # syncs with the step first: the blocking is the save's own
+        return self.savers[kind].save(self.gstep, self.w.state, loss)
+
+
+def rotated(kinds, i: int) -> list:
+    """``kinds`` starting at position ``i``: no kind always goes first."""
+    kinds = list(kinds)
+    i %= len(kinds)
+    return kinds[i:] + kinds[:i]
+
+
+def step_time(w: Workload, interval_s: float) -> float:
+    """Seconds per step after compilation (at least 3 steps, up to ~2 s of them)."""
+    emit("compiling")
+    w.run(2)
+    t, n = time.perf_counter(), 0
+    while n < 3 or time.perf_counter() - t < min(2.0, interval_s / 2):
+        w.run(1)
+        n += 1
+    return (time.perf_counter() - t) / n
+
+
+def period(ctx: Context, kind: str) -> dict:
+    """One period of "save every K steps": the save, K steps, any wait for the write.
+
+    ``kind`` "none" is the same K steps without a save: the baseline.
+    """
+    before = ctx.rss.now()
+    cpu0, start = time.process_time(), time.perf_counter()
+    blocked = ctx.save(kind) if kind != "none" else 0.0
+    t1 = time.perf_counter()
+    ctx.w.run(1)
+    first = time.perf_counter() - t1
+    ctx.w.run(ctx.every - 1)
+    if kind != "none":
+        ctx.savers[kind].wait()
+    end = time.perf_counter()
+    return {"s": end - start, "cpu_s": time.process_time() - cpu0, "blocked": blocked,
+            "first_step": first, "peak_rss": ctx.rss.peak(start, end), "rss_before": before}
+
+
+def first_save(ctx: Context) -> dict:
+    """The process's first jaxckpt save, while training: the user's real peak memory
+    (one-time thread pools and buffers included) over the same loop without saving."""
+    emit("first save (memory)")
+    ctx.w.run(1)
+    time.sleep(0.05)
+    rss_train = ctx.rss.now()
+    p = period(ctx, "jaxckpt")
+    ctx.save("orbax")  # warm raw Orbax's pools too, outside every figure
+    ctx.savers["orbax"].wait()
+    return {"rss_train": rss_train, "period": p,
+            "peak_extra_rss": p["peak_rss"] - rss_train}
+
+
+def interleaved_periods(ctx: Context, rounds: int) -> dict[str, list[dict]]:
+    """``rounds`` rounds of (no save, jaxckpt, orbax) periods, the order rotated."""
+    blocks: dict[str, list[dict]] = {"none": [], "jaxckpt": [], "orbax": []}
+    for r in range(rounds):
+        for kind in rotated(blocks, r):
+            emit(f"round {r + 1}/{rounds}: {kind}")
+            blocks[kind].append(period(ctx, kind))
+    return blocks
+
+
+def blocking_saves(ctx: Context, reps: int) -> dict[str, list[float]]:
+    """More async saves for the blocking statistics, in alternating pairs."""
+    emit("blocking")
+    out: dict[str, list[float]] = {k: [] for k in KINDS}
+    for i in range(reps):
+        for kind in rotated(KINDS, i):
+            out[kind].append(ctx.save(kind))
+            ctx.w.run(1)
+            ctx.savers[kind].wait()
+    return out
+
+
+def sync_saves(ctx: Context, saver, n: int = 2) -> list[float]:
+    """Seconds of ``n`` synchronous saves (``async_save=False``)."""
+    emit("sync saves")
+    out = []
+    for _ in range(n):
+        ctx.w.run(1)
+        ctx.gstep += 1
+        out.append(saver.save(ctx.gstep, ctx.w.state, ctx.w.loss()))
+    return out
+
+
+def device_to_host(w: Workload, n: int = 3) -> dict:
+    """``jax.device_get`` and a real ``np.array(x, copy=True)`` of fresh buffers.
+
+    A step runs before each copy: a jax.Array caches its host value, so a second
+    device_get of the same array copies nothing. Returns the last real copy as ``host``.
+    """
+    import jax
+
+    emit("device-to-host")
+    get, copy = [], []
+    for _ in range(n):
+        w.run(1)
+        t = time.perf_counter()
+        got = jax.device_get(jax.tree.leaves(w.state))
+        get.append(time.perf_counter() - t)
+        del got
+    host = None
+    for _ in range(n):
+        host = None  # free the previous copy first, as a save would have
+        w.run(1)
+        t = time.perf_counter()
+        host = w.host_copy()
+        copy.append(time.perf_counter() - t)
+    return {"device_get": get, "copy": copy, "host": host}
+
+
+def idle_writes(ctx: Context, host: list, base: str, reps: int) -> dict:
+    """Full writes (save, then wait; no training meanwhile), each round next to a plain
+    sequential write of as many bytes, so that both see the same disk and host load.
+
+    Returns wall and CPU seconds per kind, the disk's write bandwidth per round, and the
+    plain files (kept for ``cold_reads``).
+    """
+    wall: dict[str, list[float]] = {k: [] for k in KINDS}
+    cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+    files, disk = [], []
+    for i in range(reps):
+        emit(f"writes {i + 1}/{reps}")
+        files.append(f"{base}/disk-bandwidth-{i}.bin")
+        disk.append(measure.disk_write(host, files[-1]))
+        for kind in rotated(KINDS, i):
+            ctx.w.run(1)  # fresh buffers: on GPU a second save would reuse the host copy
+
+            def write(kind=kind):
+                ctx.save(kind)
+                ctx.savers[kind].wait()
+
+            s, c = measure.timed(write)
+            wall[kind].append(s)
+            cpu[kind].append(c)
+    return {"wall_s": wall, "cpu_s": cpu, "disk_write_Bps": disk, "files": files}
+
+
+def cold_reads(ctx: Context, files: list[str], local: bool) -> dict:
+    """Cold restores of each kind's newest checkpoint, each round next to a cold plain
+    read of as many bytes; jaxckpt's restore is checked bit for bit against a copy taken
+    before its save (the steps after the save donate the saved buffers)."""
+    import jax
+    import numpy as np
+
+    emit("reads")
+    ctx.w.run(1)
+    reference = ctx.w.host_copy()
+    ctx.save("jaxckpt")
+    ctx.w.run(2)
+    ctx.savers["jaxckpt"].wait()
+    target = ctx.w.abstract()
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    disk, exact = [], True
+    for i, path in enumerate(files):
+        disk.append(measure.disk_read(path))
+        for kind in rotated(KINDS, i):
+            saver = ctx.savers[kind]
+            if local:
+                measure.drop_page_cache(saver.directory)
+            t = time.perf_counter()
+            restored = saver.restore(ctx.last_step[kind], target)
+            jax.block_until_ready(restored)
+            times[kind].append(time.perf_counter() - t)
+            if kind == "jaxckpt":
+                leaves = jax.tree.leaves(restored)
+                exact = exact and len(leaves) == len(reference) and all(
+                    np.array_equal(np.asarray(a), b) for a, b in zip(leaves, reference))
+            del restored
+    for path in files:
+        measure.remove(path)
+    jm = ctx.savers["jaxckpt"]
+    t = time.perf_counter()
+    jax.block_until_ready(jm.restore(ctx.last_step["jaxckpt"], target))
+    warm = time.perf_counter() - t
+    verify_s = verify_bytes = None
+    if local:
+        measure.drop_page_cache(jm.directory)
+        verify_bytes = measure.tree_bytes(jm.directory)
+        t = time.perf_counter()
+        jm.verify()
+        verify_s = time.perf_counter() - t
+    return {"restore_s": times, "disk_read_Bps": disk, "exact": exact, "warm_s": warm,
+            "verify_cold_s": verify_s, "verify_cold_bytes": verify_bytes}

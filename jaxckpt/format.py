@@ -1,0 +1,210 @@
+"""The on-disk layout: every name jaxckpt gives a file, and every record's encoder beside
+its validator, so that what is written and what is accepted cannot drift apart.
+
+A checkpoint directory::
+
+    DIR/jaxckpt.json                 the metric ledger and the policy (see :mod:`ledger`)
+    DIR/jaxckpt.lock                 the writing run's owner and heartbeat (:mod:`lock`)
+    DIR/<step>/                      one committed checkpoint (Orbax's atomic finalize)
+        _CHECKPOINT_METADATA         Orbax's record of the step (its metrics too)
+        state/                       the state pytree (Orbax PyTree, no zstd)
+        meta/metadata                JSON: step, epoch, metrics, time, reason, policy,
+                                     the ledger since the previous checkpoint
+        data_state/metadata          JSON: the data iterator's state, when given
+        metrics/metrics              JSON: the metrics, where plain Orbax's best_fn reads them
+        jaxckpt_manifest.json        sizes and checksums (:mod:`integrity`)
+    DIR/<step>.orbax-checkpoint-tmp-*  a checkpoint being written (Orbax's; ignored)
+    DIR/.jaxckpt-deleting-<step>-*   a checkpoint being deleted (renamed, then removed)
+    DIR/jaxckpt-corrupt/<step>-*     checkpoints that failed verification, kept for a human
+
+Everything is JSON or tensorstore arrays: nothing loaded from a checkpoint can run code.
+Validators return a list of problems (empty: valid) and allow unknown keys, so that a
+newer jaxckpt's records stay readable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import uuid
+from typing import Any, Mapping
+
+__all__ = ["HISTORY_FILE", "LOCK_FILE", "CORRUPT_DIR", "MANIFEST_FILE", "STATE", "META",
+           "DATA_STATE", "METRICS", "META_FORMAT", "HISTORY_FORMAT", "step_of",
+           "is_deleting", "deleting_name", "temp_name", "is_temp", "encode_meta",
+           "validate_meta", "encode_data_state", "decode_data_state", "validate_data_state",
+           "validate_history", "COMMIT_FILES"]
+
+HISTORY_FILE = "jaxckpt.json"
+LOCK_FILE = "jaxckpt.lock"
+CORRUPT_DIR = "jaxckpt-corrupt"
+MANIFEST_FILE = "jaxckpt_manifest.json"
+ORBAX_METADATA = "_CHECKPOINT_METADATA"
+STATE, META, DATA_STATE, METRICS = "state", "meta", "data_state", "metrics"
+META_FORMAT = "jaxckpt/1"
+HISTORY_FORMAT = "jaxckpt/1"
+_BYTES_KEY = "__bytes_b64__"
+_DELETING = ".jaxckpt-deleting-"
+
+COMMIT_FILES = (ORBAX_METADATA, f"{META}/metadata")
+"""Files every committed jaxckpt checkpoint has; a step lacking one is incomplete."""
+
+
+# -- names -----------------------------------------------------------------------------
+
+
+def step_of(name: str) -> int | None:
+    """The step a directory entry names (``"50"`` -> 50), or None for anything else."""
+    return int(name) if name.isdigit() and (name == "0" or not name.startswith("0")) else None
+
+
+def deleting_name(step: int) -> str:
+    """Where a checkpoint goes while it is removed: a name every reader ignores."""
+    return f"{_DELETING}{step}-{uuid.uuid4().hex[:8]}"
+
+
+def is_deleting(name: str) -> bool:
+    return name.startswith(_DELETING)
+
+
+def temp_name(name: str) -> str:
+    """The one temporary-file pattern: ``.<name>.<uuid>.tmp`` beside the final file."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+# -- meta/metadata -----------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def encode_meta(*, step: int, epoch: int | None, metrics: Mapping[str, float] | None,
+                time: float, reason: str, policy: dict | None, improved: bool | None = None,
+                ledger: list[dict] | None = None) -> dict:
+    """A step's own record. ``policy`` and ``ledger`` (the entries since the previous
+    checkpoint) are stored here as well as in ``jaxckpt.json``, so that losing that file
+    loses neither the policy nor the history of kept checkpoints."""
+    record = {"format": META_FORMAT, "step": step, "epoch": epoch,
+              "metrics": dict(metrics) if metrics is not None else None, "time": time,
+              "reason": reason, "improved": improved, "policy": policy, "ledger": ledger or []}
+    problems = validate_meta(record, step)
+    if problems:  # a bug, not bad input: save() validates its arguments first
+        raise ValueError(f"refusing to write an invalid meta record: {problems}")
+    return record
+
+
+def validate_meta(meta: Any, step: int | None = None) -> list[str]:
+    """Schema problems of a step's ``meta`` record (empty: valid)."""
+    if not isinstance(meta, dict):
+        return ["not a JSON object"]
+    problems = []
+    if meta.get("format") != META_FORMAT:
+        problems.append(f"format is {meta.get('format')!r}, expected {META_FORMAT!r}")
+    if not _is_int(meta.get("step")) or (step is not None and meta["step"] != step):
+        problems.append(f"step is {meta.get('step')!r}, expected {step}")
+    if meta.get("epoch") is not None and not _is_int(meta["epoch"]):
+        problems.append(f"epoch must be an int or null, got {meta['epoch']!r}")
+    problems += _metrics_problems(meta.get("metrics"))
+    t = meta.get("time")
+    if t is not None and not (_is_number(t) and math.isfinite(t)):
+        problems.append(f"time must be a number, got {t!r}")
+    if meta.get("reason") is not None and not isinstance(meta["reason"], str):
+        problems.append(f"reason must be a string or null, got {meta['reason']!r}")
+    if meta.get("improved") is not None and not isinstance(meta["improved"], bool):
+        problems.append(f"improved must be true, false or null, got {meta['improved']!r}")
+    if meta.get("policy") is not None and not isinstance(meta["policy"], dict):
+        problems.append("policy must be an object or null")
+    ledger = meta.get("ledger")
+    if ledger is not None:
+        problems += [f"ledger: {p}" for p in validate_entries(ledger)]
+    return problems
+
+
+def _metrics_problems(metrics: Any) -> list[str]:
+    if metrics is None:
+        return []
+    if not isinstance(metrics, dict):
+        return [f"metrics must be an object or null, got {type(metrics).__name__}"]
+    bad = sorted(str(k) for k, v in metrics.items() if not _is_number(v))
+    return [f"metrics {bad} are not numbers"] if bad else []
+
+
+# -- data_state/metadata ---------------------------------------------------------------------
+
+
+def encode_data_state(data_state: Any) -> dict:
+    """JSON for the data iterator's state: JSON-able values as is, bytes as base64.
+
+    Raises:
+      TypeError: ``data_state`` is neither (names its type and what is accepted).
+    """
+    import json
+    if isinstance(data_state, (bytes, bytearray)):
+        return {_BYTES_KEY: base64.b64encode(bytes(data_state)).decode("ascii")}
+    try:
+        json.dumps(data_state, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"data_state must be JSON-able or bytes (a grain iterator's "
+                        f"get_state()), got {type(data_state).__name__}: {e}") from e
+    return {"value": data_state}
+
+
+def decode_data_state(stored: dict) -> Any:
+    if _BYTES_KEY in stored:
+        return base64.b64decode(stored[_BYTES_KEY])
+    return stored.get("value")
+
+
+def validate_data_state(stored: Any) -> list[str]:
+    """Schema problems of a stored data state: ``{"value": <JSON>}`` or base64 bytes."""
+    if not isinstance(stored, dict) or len(stored) != 1:
+        return ["must be an object with one key, 'value' or '__bytes_b64__'"]
+    if "value" in stored:
+        return []
+    encoded = stored.get(_BYTES_KEY)
+    if not isinstance(encoded, str):
+        return ["must be an object with one key, 'value' or '__bytes_b64__'"]
+    try:
+        base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as e:
+        return [f"'__bytes_b64__' is not base64 ({e})"]
+    return []
+
+
+# -- jaxckpt.json (the ledger) ---------------------------------------------------------------
+
+
+def validate_entries(entries: Any) -> list[str]:
+    """Problems of a list of ledger entries ``{"step", "metrics", "epoch", "time", "saved"}``."""
+    if not isinstance(entries, list):
+        return ["must be a list"]
+    for e in entries:
+        if not (isinstance(e, dict) and _is_int(e.get("step"))
+                and not _metrics_problems(e.get("metrics"))
+                and (e.get("epoch") is None or _is_int(e.get("epoch")))
+                and (e.get("time") is None or _is_number(e.get("time")))):
+            return [f"malformed entry {e!r}"[:200]]
+    return []
+
+
+def validate_history(data: Any) -> list[str]:
+    """Schema problems of ``jaxckpt.json``."""
+    if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT:
+        return [f"not a {HISTORY_FORMAT} history file"]
+    problems = [f"history: {p}" for p in validate_entries(data.get("history"))]
+    if data.get("policy") is not None and not isinstance(data["policy"], dict):
+        problems.append("'policy' must be an object")
+    for key in ("last_save_time", "auto_every", "save_cost_s"):
+        if data.get(key) is not None and not _is_number(data[key]):
+            problems.append(f"{key!r} must be a number or null")
+    return problems

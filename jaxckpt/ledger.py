@@ -1,0 +1,127 @@
+"""The metric ledger: every step offered to ``save`` with metrics, kept or not.
+
+Append-only in memory, so a ``save`` call that writes nothing costs the same at step 10
+and at step 10 million. The file ``jaxckpt.json`` is a snapshot written in the background
+at most every few seconds and at ``wait``/``close``; each checkpoint also carries the
+entries since the previous one in its own ``meta`` record, so a lost or damaged
+``jaxckpt.json`` is rebuilt from the checkpoints (losing only metrics of steps written
+nowhere). Owned by the calling thread; the background thread only writes snapshots.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import warnings
+from typing import Any, Iterable, NamedTuple
+
+from etils import epath
+
+from jaxckpt import format as fmt
+from jaxckpt import storage
+
+__all__ = ["Entry", "Ledger", "read_file", "write_file"]
+
+log = logging.getLogger("jaxckpt")
+
+
+class Entry(NamedTuple):
+    step: int
+    metrics: dict[str, float] | None
+    epoch: int | None
+    time: float
+    saved: bool
+
+    def to_json(self) -> dict:
+        return self._asdict()
+
+    @classmethod
+    def from_json(cls, e: dict) -> "Entry":
+        return cls(int(e["step"]), e.get("metrics"), e.get("epoch"), float(e.get("time") or 0.0),
+                   bool(e.get("saved")))
+
+
+class Ledger:
+    """Entries ordered by step. A resumed run redoes the steps after its checkpoint: a new
+    entry replaces every entry at or after its step (amortised O(1): popped from the end)."""
+
+    def __init__(self, entries: Iterable[Entry] = ()):
+        self._entries: list[Entry] = sorted(entries, key=lambda e: e.step)
+        self._steps: list[int] = [e.step for e in self._entries]
+        self.dirty = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, entry: Entry) -> None:
+        """Add ``entry`` (one with metrics or a written checkpoint; others only truncate)."""
+        while self._steps and self._steps[-1] >= entry.step:
+            self._steps.pop()
+            self._entries.pop()
+            self.dirty = True
+        if entry.metrics is not None or entry.saved:
+            self._entries.append(entry)
+            self._steps.append(entry.step)
+            self.dirty = True
+
+    def mark_unsaved(self, steps: Iterable[int]) -> None:
+        """Record that the writes of ``steps`` failed."""
+        for step in steps:
+            i = bisect.bisect_left(self._steps, step)
+            if i < len(self._steps) and self._steps[i] == step:
+                self._entries[i] = self._entries[i]._replace(saved=False)
+                self.dirty = True
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries)
+
+    def segment(self, after: int | None, upto: int) -> list[dict]:
+        """Entries with ``after < step <= upto``, as JSON (stored in a checkpoint's meta)."""
+        lo = 0 if after is None else bisect.bisect_right(self._steps, after)
+        hi = bisect.bisect_right(self._steps, upto)
+        return [e.to_json() for e in self._entries[lo:hi]]
+
+    def merge(self, entries: Iterable[Entry]) -> None:
+        """Add entries for steps this ledger lacks (rebuilding from checkpoints)."""
+        have = set(self._steps)
+        new = [e for e in entries if e.step not in have]
+        if new:
+            self.__init__([*self._entries, *new])
+            self.dirty = True
+
+
+def read_file(directory: epath.Path, *, timeout: float | None) -> dict | None:
+    """``jaxckpt.json`` as validated JSON; None (with a warning) when missing or damaged."""
+    path = directory / fmt.HISTORY_FILE
+    try:
+        text = storage.read_text(path, timeout=timeout)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        warnings.warn(f"{path} is unreadable ({e}); rebuilding the history from the "
+                      "checkpoints. Kept checkpoints and their metrics are intact.")
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        data, problems = None, [f"not JSON ({e})"]
+    else:
+        problems = fmt.validate_history(data)
+    if problems:
+        warnings.warn(f"{path} is damaged ({'; '.join(problems)}); rebuilding the history "
+                      "from the checkpoints. Kept checkpoints and their metrics are intact; "
+                      "the next save rewrites the file.")
+        return None
+    return data
+
+
+def write_file(directory: epath.Path, snapshot: dict, timeout: float | None) -> None:
+    storage.atomic_write_text(directory / fmt.HISTORY_FILE, json.dumps(snapshot),
+                              timeout=timeout)
+
+
+def snapshot(ledger: Ledger, **extra: Any) -> dict:
+    """The file's content: the entries and ``extra`` (policy, scheduler state)."""
+    return {"format": fmt.HISTORY_FORMAT, **extra,
+            "history": [e.to_json() for e in ledger._entries]}

@@ -1,0 +1,256 @@
+"""Files, local or ``gs://``: the one place that knows the difference.
+
+Everything jaxckpt itself writes, moves, lists or deletes goes through here (Orbax writes
+the checkpoints). Every call has a deadline: a store that stops answering raises
+:class:`StorageTimeoutError` naming the operation and the path, instead of hanging the
+run. A timed-out call keeps running in a daemon thread; nothing it was doing is undone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+from typing import Any, Callable, Iterator, TypeVar
+
+from etils import epath
+
+from jaxckpt import format as fmt
+
+__all__ = ["is_remote", "as_path", "call", "atomic_write_text", "read_text", "move_tree",
+           "walk_files", "list_names", "remove_tree", "finish_deletions",
+           "forget_cached_listings", "StorageTimeoutError", "DEFAULT_TIMEOUT_S"]
+
+log = logging.getLogger("jaxckpt")
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 300.0
+"""Deadline of one storage call; a healthy store answers each in well under a second."""
+
+
+class StorageTimeoutError(TimeoutError):
+    """A storage call did not return before its deadline (a stalled store)."""
+
+
+def is_remote(path: Any) -> bool:
+    """Whether ``path`` names an object store (``gs://``, ``s3://``) rather than a disk."""
+    return "://" in os.fspath(path) if not isinstance(path, epath.Path) else "://" in str(path)
+
+
+def as_path(directory: str | os.PathLike) -> epath.Path:
+    """An ``epath.Path``; local paths made absolute (Orbax requires that)."""
+    text = os.fspath(directory)
+    return epath.Path(text if is_remote(text) else os.path.abspath(text))
+
+
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def call(fn: Callable[..., T], *args: Any, what: str, path: Any,
+         timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
+    """``fn(*args)``, raising :class:`StorageTimeoutError` past ``timeout`` seconds.
+
+    Local calls run inline (a local disk that hangs is beyond repair by a deadline); calls
+    on an object store run in a helper thread so that the caller can stop waiting.
+    """
+    if timeout is None or not is_remote(path):
+        return fn(*args)
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="jaxckpt-io")
+    future = _pool.submit(fn, *args)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        raise StorageTimeoutError(
+            f"{what} {path} did not finish within {timeout:.0f} s: the store stopped "
+            "answering. Nothing saved was lost; check the store (or the network) and "
+            "save again, or raise CheckpointManager(storage_timeout_s=...).") from None
+
+
+def read_text(path: epath.Path, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> str:
+    return call(path.read_text, what="reading", path=path, timeout=timeout)
+
+
+def atomic_write_text(path: epath.Path, text: str, *,
+                      timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never a part."""
+    def write():
+        if is_remote(path):  # an object appears whole or not at all; stores have no rename
+            path.write_text(text)
+            return
+        tmp = path.parent / fmt.temp_name(path.name)
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+    call(write, what="writing", path=path, timeout=timeout)
+
+
+def walk_files(root: epath.Path, _prefix: str = "") -> Iterator[tuple[str, int]]:
+    """``(relative POSIX path, size)`` of every file under ``root``, local or ``gs://``.
+
+    Not ``epath.Path.walk``: on ``gs://`` it yields directories without their ``gs://``
+    prefix, which then name local paths.
+    """
+    if not is_remote(root):
+        base = str(root)
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, base).replace(os.sep, "/")
+                yield _prefix + rel, os.stat(full).st_size
+        return
+    for child in root.iterdir():
+        rel = _prefix + child.name
+        if child.is_dir():
+            yield from walk_files(child, rel + "/")
+        else:
+            yield rel, child.stat().length
+
+
+def list_names(directory: epath.Path, *, timeout: float | None = DEFAULT_TIMEOUT_S
+               ) -> list[str]:
+    """Names in ``directory`` now; empty when it does not exist."""
+    def names():
+        if not is_remote(directory):
+            try:
+                return os.listdir(directory)
+            except FileNotFoundError:
+                return []
+        forget_cached_listings(directory)
+        if not directory.exists():
+            return []
+        return [p.name for p in directory.iterdir()]
+    return call(names, what="listing", path=directory, timeout=timeout)
+
+
+def move_tree(src: epath.Path, dest: epath.Path, *,
+              timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    """``src.rename(dest)``. Object stores have no rename: copy each object, then delete."""
+    def move():
+        if not is_remote(src):
+            os.rename(src, dest)
+            return
+        for rel, _ in walk_files(src):
+            (src / rel).copy(dest / rel)
+        src.rmtree()
+    call(move, what="moving", path=src, timeout=timeout)
+
+
+def remove_tree(directory: epath.Path, step: int, *,
+                timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    """Delete checkpoint ``step``: rename it to a name every reader ignores, then remove.
+
+    A reader sees the whole checkpoint or none of it; a writer killed in between leaves
+    a ``.jaxckpt-deleting-*`` directory that :func:`finish_deletions` removes later.
+    """
+    src = directory / str(step)
+    if is_remote(directory):  # no rename: remove the commit marker first, then the rest
+        call(src.rmtree, what="deleting", path=src, timeout=timeout)
+        return
+    aside = directory / fmt.deleting_name(step)
+    try:
+        os.rename(src, aside)
+    except FileNotFoundError:
+        return
+    _rmtree_local(aside)
+
+
+def finish_deletions(directory: epath.Path) -> None:
+    """Remove what deletions interrupted by a crash left behind (local disks only)."""
+    if is_remote(directory):
+        return
+    for name in list_names(directory):
+        if fmt.is_deleting(name) or (fmt.is_temp(name) and name.startswith(
+                f".{fmt.HISTORY_FILE}.")):
+            path = os.path.join(directory, name)
+            log.debug("removing %s, left by an interrupted writer", path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                _rmtree_local(path)
+            else:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+
+def _rmtree_local(path: Any) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+
+
+def _ignore_missing(func, path, exc_info) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+def forget_cached_listings(path: epath.Path) -> None:
+    """Forget this process's cached object listings at, above and below ``path``.
+
+    etils epath reads ``gs://`` through gcsfs, which caches every directory listing and
+    answers ``exists``/``stat``/``iterdir`` from it. Another process's writes (or Orbax's,
+    through tensorstore) do not update that cache. A no-op for local paths.
+    """
+    if not is_remote(path):
+        return
+    try:
+        from etils.epath import backend
+        fs = backend.fsspec_backend.fs(str(path))
+        cache = fs.dircache
+        key = fs._strip_protocol(str(path)).rstrip("/")
+    except Exception:  # noqa: BLE001 - another fsspec backend, or no listing cache
+        return
+    fs.invalidate_cache(str(path))
+    for cached in list(cache):
+        if cached.startswith(key + "/"):
+            cache.pop(cached, None)
+
+
+def check_directory(path: epath.Path, *, read_only: bool,
+                    timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
+    """Raise :class:`~jaxckpt.CheckpointDirectoryError` (naming the fix) unless ``path``
+    can be used: an existing directory to read, or a writable (creatable) one to write."""
+    from jaxckpt.errors import CheckpointDirectoryError
+    forget_cached_listings(path)
+    s = str(path)
+    exists = call(path.exists, what="looking up", path=path, timeout=timeout)
+    if exists and not call(path.is_dir, what="looking up", path=path, timeout=timeout):
+        raise CheckpointDirectoryError(
+            f"checkpoint directory {s} is a file. Pass a directory path (it is created if "
+            "missing), or move the file away.")
+    if read_only:
+        if not exists:
+            raise CheckpointDirectoryError(f"checkpoint directory {s} does not exist.")
+        return
+    if is_remote(path):  # object stores have no permissions to probe cheaply
+        bucket = epath.Path("/".join(s.split("/", 3)[:3]))  # gs://bucket
+        if not exists and not call(bucket.exists, what="looking up", path=bucket,
+                                   timeout=timeout):
+            raise CheckpointDirectoryError(
+                f"bucket {bucket} of checkpoint directory {s} does not exist, or these "
+                f"credentials cannot see it. Create it (gcloud storage buckets create "
+                f"{bucket}), fix the URL, or give this machine's account access to it.")
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / fmt.temp_name("jaxckpt-probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointDirectoryError(
+            f"checkpoint directory {s} is not writable ({e.strerror or e}). Choose a "
+            "directory you can write to, or fix its permissions.") from e
+
+
+def inside(root: epath.Path, path: epath.Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside ``root``; always True on stores."""
+    if is_remote(root):
+        return True
+    real_root = os.path.realpath(str(root))
+    return os.path.realpath(str(path)).startswith(real_root + os.sep)
