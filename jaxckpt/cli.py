@@ -51,7 +51,7 @@ def _check_checkpoint_dir(directory: str):
     if "://" not in directory:
         path = path.resolve()  # Orbax writes (prune) only to absolute paths
     else:
-        from jaxckpt.integrity import forget_cached_listings
+        from jaxckpt.storage import forget_cached_listings
         forget_cached_listings(path)  # main() may run twice in one process
     if not path.exists():
         raise CliError(f"{directory}: no such directory.")
@@ -83,32 +83,32 @@ def _open(directory: str, *, read_only: bool = True):
 
 def step_bytes(path) -> int:
     """Total size of the files under ``path`` (an epath, so ``gs://`` works too)."""
-    from jaxckpt.integrity import walk_files  # not epath's walk: it loses gs:// on the way
+    from jaxckpt.storage import walk_files  # not epath's walk: it loses gs:// on the way
 
     return sum(size for _, size in walk_files(path))
 
 
-def _verify(mngr, step: int | None = None, *, checksums: bool = True
-            ) -> dict[int, list[str]]:
-    """``{step: problems}`` for every checkpoint in the directory, set-aside ones included.
-
-    A checkpoint without a manifest gets the one problem ``integrity.UNVERIFIED``.
-    """
-    return mngr.verify(step, checksums=checksums, strict=True)
+def _verdicts(mngr, *, checksums: bool = True) -> dict[int, Any]:
+    """The verdict of every step in the directory, after checking each now (a step that
+    fails is set aside by the manager: never best, latest or deleted)."""
+    mngr.verify(checksums=checksums)
+    return mngr.verdicts()
 
 
-def _status(problems: list[str] | None, checksums: bool = True) -> str:
-    from jaxckpt.integrity import UNVERIFIED
-
-    if problems is None or problems == [UNVERIFIED]:
-        return "unverified"
-    if problems:
+def _status(verdict: Any, checksums: bool = True) -> str:
+    if verdict is None:
+        return "unknown"
+    if verdict.incomplete:
+        return "incomplete"
+    if verdict.problems:
         return "corrupt"
+    if not verdict.has_manifest:
+        return "orbax, no manifest" if verdict.writer == "orbax" else "unverified"
     return "ok" if checksums else "ok (sizes)"
 
 
-def _corrupt(problems: dict[int, list[str]]) -> dict[int, list[str]]:
-    return {s: p for s, p in problems.items() if _status(p) == "corrupt"}
+def _corrupt(verdicts: dict[int, Any]) -> dict[int, list[str]]:
+    return {s: list(v.problems) for s, v in verdicts.items() if _status(v) == "corrupt"}
 
 
 def _checkpoints(mngr, *, checksums: bool) -> list[dict[str, Any]]:
@@ -117,27 +117,29 @@ def _checkpoints(mngr, *, checksums: bool) -> list[dict[str, Any]]:
     A checkpoint that fails verification is listed too: the manager has set it aside
     (never best, latest or deleted), so it has no reason to be kept.
     """
-    problems = _verify(mngr, checksums=checksums)  # first: it sets corrupt steps aside
+    verdicts = _verdicts(mngr, checksums=checksums)  # first: it sets corrupt steps aside
     entries = {e["step"]: e for e in mngr.entries()}
     reasons = mngr.kept_reasons()
     kept = set(mngr.steps())
+    best, latest = mngr.best_step(), mngr.latest_step()
     rows = []
-    for step in sorted(kept | set(problems)):
+    for step in sorted(kept | set(_corrupt(verdicts))):
         entry = entries.get(step, {})
         when = entry.get("time") or None
-        status = _status(problems.get(step), checksums)
+        status = _status(verdicts.get(step), checksums)
         rows.append({
             "step": step,
             "epoch": entry.get("epoch"),
             "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
-            "kept": reasons.get(step, []) if step in kept else ["set aside: corrupt"],
-            "best": step == mngr.best_step(),
-            "latest": step == mngr.latest_step(),
+            "kept": ([str(r) for r in reasons.get(step, ())] if step in kept
+                     else ["set aside: corrupt"]),
+            "best": step == best,
+            "latest": step == latest,
             "bytes": step_bytes(mngr.directory / str(step)),
             "time": when,
             "written": _iso(when),
             "integrity": status,
-            "problems": problems.get(step, []) if status == "corrupt" else [],
+            "problems": list(verdicts[step].problems) if status == "corrupt" else [],
         })
     return rows
 
@@ -318,17 +320,17 @@ def cmd_best(args) -> int:
 
 def cmd_verify(args) -> int:
     with _open(args.directory) as mngr:
-        problems = _verify(mngr, args.step)  # names an unknown step itself
+        checked = mngr.verify(args.step)  # names an unknown step itself
+        verdicts = {s: v for s, v in mngr.verdicts().items() if s in checked}
         directory = mngr.directory
-    if not problems:
+    if not verdicts:
         raise CliError(f"no checkpoints in {directory} to verify.")
-    for step, found in problems.items():
-        status = _status(found)
-        detail = {"ok": "ok", "unverified": "unverified (no manifest: written before "
-                  "manifests, or the writer stopped right after the commit)",
-                  "corrupt": "CORRUPT: " + "; ".join(found)}[status]
-        print(f"step {step}: {detail}")
-    bad = sorted(_corrupt(problems))
+    for step, verdict in verdicts.items():
+        status = _status(verdict)
+        print(f"step {step}: " + ("ok" if status == "ok" else (
+            "CORRUPT: " if status == "corrupt" else "") + verdict.describe()))
+    bad = sorted(_corrupt(verdicts))
+    problems = verdicts
     if bad:
         print(f"{_PROG}: error: {len(bad)} of {len(problems)} checkpoint(s) in {directory} "
               f"failed verification: step(s) {', '.join(map(str, bad))}.", file=sys.stderr)
@@ -343,7 +345,7 @@ def cmd_plot(args) -> int:
         monitor, mode = mngr.policy.monitor, (mngr.policy.resolved_mode
                                               if mngr.policy.monitor else None)
         best, latest, directory = mngr.best_step(), mngr.latest_step(), mngr.directory
-        corrupt = sorted(_corrupt(_verify(mngr, checksums=False)))  # sizes: a stat per file
+        corrupt = sorted(_corrupt(_verdicts(mngr, checksums=False)))  # sizes: a stat per file
     available = _metric_names([e["metrics"] for e in entries])
     if not available:
         raise CliError(f"{directory} has no metric history to plot.")
@@ -376,20 +378,18 @@ def plan_prune(records, sizes: dict[int, int], policy, max_bytes: int | None
       One dict per checkpoint, by step: ``step, keep, reasons, why, bytes``.
     """
     reasons = policy.kept(records)
-    newest = sorted((s for s, rs in reasons.items() if "latest" in rs), reverse=True)
+    order = {"best": 0, "latest": 1}
 
     def place(step: int) -> int:
-        ranks = [2 * (int(r.split("#")[1]) - 1) for r in reasons[step] if r.startswith("best #")]
-        if step in newest:
-            ranks.append(2 * newest.index(step) + 1)
-        return min(ranks)
+        return min(2 * ((r.rank or 1) - 1) + order.get(r.kind, 2 * len(records))
+                   for r in reasons[step])
 
     ranked = policy.ranked(records)
     value_rank = {r.step: i for i, r in enumerate(ranked, start=1)}
     decisions: dict[int, dict[str, Any]] = {}
     used = 0
     for order, step in enumerate(sorted(reasons, key=place), start=1):
-        label = ", ".join(_with_latest_rank(r, step, newest) for r in reasons[step])
+        label = ", ".join(str(r) for r in reasons[step])
         size = sizes[step]
         if max_bytes is not None and used + size > max_bytes:
             decisions[step] = {"keep": False, "why": (
@@ -411,14 +411,15 @@ def plan_prune(records, sizes: dict[int, int], policy, max_bytes: int | None
         parts.append(f"not among the latest {policy.keep_latest}" if policy.keep_latest
                      else "--keep-latest 0")
         decisions[record.step] = {"keep": False, "why": "; ".join(parts)}
-    return [{"step": s, "bytes": sizes[s], "reasons": reasons.get(s, []), **decisions[s]}
+    return [{"step": s, "bytes": sizes[s], "reasons": [str(r) for r in reasons.get(s, ())],
+             **decisions[s]}
             for s in sorted(decisions)]
 
 
 def _corrupt_dir() -> str:
-    from jaxckpt import manager
+    from jaxckpt.format import CORRUPT_DIR
 
-    return getattr(manager, "CORRUPT_DIR", "jaxckpt-corrupt")
+    return CORRUPT_DIR
 
 
 def _ordinal(n: int) -> str:
@@ -426,19 +427,14 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _with_latest_rank(reason: str, step: int, newest: list[int]) -> str:
-    return f"latest #{newest.index(step) + 1}" if reason == "latest" and len(newest) > 1 \
-        else reason
-
-
 def cmd_prune(args) -> int:
-    from jaxckpt.policy import CheckpointPolicy, Record
+    import dataclasses
 
     # A real prune holds the directory as its writer (a live run's lock makes it fail);
     # a dry run only reads.
     with _open(args.directory, read_only=args.dry_run) as mngr:
         # Checksums first: a corrupt copy must never be kept in place of a good one.
-        corrupt = _corrupt(_verify(mngr))
+        corrupt = _corrupt(_verdicts(mngr))
         stored = mngr.policy
         keep_best = stored.keep_best if args.keep_best is None else args.keep_best
         keep_latest = stored.keep_latest if args.keep_latest is None else args.keep_latest
@@ -446,16 +442,14 @@ def cmd_prune(args) -> int:
             raise CliError(f"{mngr.directory} monitors no metric, so there is no best to keep: "
                            "use --keep-best 0.")
         try:
-            policy = CheckpointPolicy(monitor=stored.monitor, mode=stored.mode,
-                                      min_delta=stored.min_delta, keep_best=keep_best,
-                                      keep_latest=keep_latest)
+            policy = dataclasses.replace(stored, keep_best=keep_best, keep_latest=keep_latest)
         except ValueError as e:
             raise CliError(f"{e} (--keep-best {keep_best} --keep-latest {keep_latest})") from e
         steps = mngr.steps()  # intact checkpoints only: corrupt ones are set aside
         if not steps:
             print(f"{mngr.directory}: no intact checkpoints, nothing to prune.")
             return EXIT_OK
-        records = [Record(s, policy.stored_value(mngr.metrics(s))) for s in steps]
+        records = mngr.records(policy)
         sizes = {s: step_bytes(mngr.directory / str(s)) for s in steps}
         plan = plan_prune(records, sizes, policy, args.max_bytes)
         doomed = [d["step"] for d in plan if not d["keep"]]

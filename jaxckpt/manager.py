@@ -24,6 +24,7 @@ the calling thread. Its errors are raised by the next ``save``/``wait``.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import math
 import os
@@ -190,6 +191,13 @@ class CheckpointManager:
     def metrics(self, step: int) -> dict[str, float] | None:
         """The metrics saved with checkpoint ``step``."""
         return self._catalog.read_meta(self._catalog.resolve(_as_int("step", step))).get("metrics")
+
+    def records(self, policy: CheckpointPolicy | None = None) -> list[Record]:
+        """What the policy knows of each usable checkpoint (valued by ``policy``)."""
+        if policy is None or policy == self.policy:
+            return [self._catalog.records[s] for s in self.steps()]
+        return [dataclasses.replace(r, value=policy.stored_value(self.metrics(r.step)))
+                for r in self.records()]
 
     def verdicts(self) -> dict[int, integrity.Verdict]:
         """The last verdict of every step in the directory (usable, corrupt, incomplete)."""

@@ -381,7 +381,7 @@ class Trainer:
             plan = _resume_plan(resume, manager)
             placement = self._placement()
             make_iter = lambda: data_lib.batches(  # noqa: E731 - the one pipeline, rebuilt on rollback
-                train_ds, local_bs, seed=seed, num_epochs=None, transform=self._select,
+                train_ds, local_bs, seed=seed, num_epochs=None, transform=None,
                 shard_index=pid, shard_count=nproc)
             run = _Run(placement=placement, template=template, manager=manager,
                        loop=_LoopState(history=History(monitor=monitor)), make_iter=make_iter,
@@ -409,7 +409,8 @@ class Trainer:
         return run.loop.history
 
     def _select(self, example: Mapping[str, Any]) -> dict[str, Any]:
-        """The entries the default step reads; ``step_fn`` gets the whole example."""
+        """The entries the default step reads (of an example or a batch); ``step_fn`` gets
+        them all."""
         if self.step_fn is not None:
             return dict(example)
         return {k: example[k] for k in (self.input_key, self.label_key) if k in example}
@@ -508,7 +509,7 @@ class Trainer:
         with _progress(self.quiet or jax.process_index() != 0, epoch0, run.epochs,
                        end - epoch0 * spe, loop.position - epoch0 * spe) as advance:
             while loop.position < end:
-                batch = next(run.iterator)
+                batch = self._select(next(run.iterator))
                 position = loop.position
                 loop.position += 1
                 if position in loop.skipped:
@@ -667,8 +668,8 @@ class Trainer:
         local_bs = max(1, batch_size // nproc)
         local_bs += (-local_bs) % placement.local_devices
         it = data_lib.batches(ds, local_bs, shuffle=False, drop_remainder=False,
-                              transform=self._select, shard_index=pid, shard_count=nproc)
-        outs = [step(state, placement.batch(_pad(dict(batch), local_bs))) for batch in it]
+                              transform=None, shard_index=pid, shard_count=nproc)
+        outs = [step(state, placement.batch(_pad(self._select(batch), local_bs))) for batch in it]
         sums: dict[str, Any] = {}
         for metrics in jax.device_get(outs):  # one transfer, then sums in batch order
             _fold(sums, metrics)
@@ -829,12 +830,16 @@ class _Placement:
         return parallel.state_sharding(abstract, self.mesh)
 
     def init(self, fn, args, abstract):
-        """``fn(*args)`` computed under jit straight into this mode's placement: no
-        full-size state on one device first (jit); one copy per device (pmap)."""
+        """``fn(*args)`` placed for this mode. A state split over devices (FSDP) is computed
+        under jit straight into its shardings, so no device ever holds all of it. One that
+        every device holds whole anyway is computed eagerly and copied out: the same
+        memory, without compiling the init (seconds on a CPU, even for a small model)."""
         if self.mode == "pmap":
-            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            return parallel.replicate(jax.jit(fn, out_shardings=one)(*args))
-        return jax.jit(fn, out_shardings=self.shardings(abstract))(*args)
+            return parallel.replicate(fn(*args))
+        shardings = self.shardings(abstract)
+        if all(s.is_fully_replicated for s in jax.tree.leaves(shardings)):
+            return jax.device_put(fn(*args), shardings)
+        return jax.jit(fn, out_shardings=shardings)(*args)
 
     def place(self, state):
         """Place an unreplicated state (host, one device or another mesh) for this mode."""
