@@ -96,7 +96,7 @@ def windows(seconds, wrote, cpu, window: int) -> list[dict]:
         if len(s) == 0:
             continue
         out.append({"first_call": start + 1, "last_call": min(start + window, len(seconds)),
-                    "calls": int(len(s)),
+                    "calls": len(s),
                     "p50_s": measure.pct(s.tolist(), 0.5), "p99_s": measure.pct(s.tolist(), 0.99),
                     "mean_s": float(s.mean()), "max_s": float(s.max()),
                     "cpu_s_per_call": float(cpu[start:start + window].mean())})

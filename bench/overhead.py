@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tuning-size", type=float, default=None, metavar="MiB",
                    help="state size of the Orbax options comparison")
     p.add_argument("--tuning-variants", type=int, default=None, metavar="N",
-                   help="compare only the first N Orbax variants (default: 3 with --quick, "
+                   help="compare only the first N Orbax variants (default: 2 with --quick, "
                         f"else all {len(TUNING_VARIANTS)})")
     p.add_argument("--no-tuning", action="store_true", help="skip the Orbax options comparison")
     p.add_argument("--keep-logs", action="store_true", help="keep the subprocess logs")

@@ -13,6 +13,7 @@ from jaxckpt.errors import MetricError as MetricError
 from jaxckpt.errors import RestoreStructureError as RestoreStructureError
 from jaxckpt.manager import Checkpoint as Checkpoint
 from jaxckpt.manager import CheckpointManager as CheckpointManager
+from jaxckpt.resume import restore_or_init as restore_or_init
 from jaxckpt.policy import CheckpointPolicy as CheckpointPolicy
 from jaxckpt.policy import KeepReason as KeepReason
 from jaxckpt.policy import auto_interval as auto_interval

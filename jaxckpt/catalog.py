@@ -22,11 +22,12 @@ from etils import epath
 
 from jaxckpt import format as fmt
 from jaxckpt import integrity, storage
-from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError,
+                            CheckpointNotFoundError)
 from jaxckpt.integrity import Verdict
 from jaxckpt.policy import CheckpointPolicy, Record
 
-__all__ = ["Catalog", "Which"]
+__all__ = ["Catalog", "Which", "writers", "check_writable"]
 
 log = logging.getLogger("jaxckpt")
 
@@ -51,17 +52,22 @@ class Catalog:
         self.verdicts.clear()
         self.corrupt.clear()
         self.incomplete.clear()
-        for name in storage.list_names(self.directory, timeout=self.timeout):
-            step = fmt.step_of(name)
-            if step is not None:
-                self.examine(step, checksums=False, warn=warn)
+        for _ in range(5):  # a live writer may delete what was listed before it is read
+            steps = [s for s in map(fmt.step_of, storage.list_names(
+                self.directory, timeout=self.timeout)) if s is not None]
+            vanished = [s for s in steps if self.examine(s, checksums=False, warn=warn) is None]
+            if not vanished or self.records:
+                return
 
     def examine(self, step: int, *, checksums: bool,
                 warn: Callable[[str], None] | None = None) -> Verdict | None:
         """Check one step and file it; None when it no longer exists."""
+        step_dir = self.directory / str(step)
         try:
-            verdict = integrity.check(self.directory / str(step), step, checksums=checksums)
+            verdict = integrity.check(step_dir, step, checksums=checksums)
             record = self._record(step, verdict) if verdict.ok else None
+            if not verdict.ok and not step_dir.exists():
+                raise FileNotFoundError(step_dir)  # renamed away while it was read
         except FileNotFoundError:
             self.forget(step)
             return None
@@ -188,14 +194,19 @@ class Catalog:
                 f"no checkpoints in {self.directory}: nothing has been saved there yet.")
         return step
 
-    def resolve_verified(self, which: Which, *, stacklevel: int = 4) -> int:
-        """Like :meth:`resolve`, checking checksums; "latest"/"best" fall back to the next
-        checkpoint that verifies (with a warning naming what they skipped)."""
+    def resolve_verified(self, which: Which, *, checksums: bool = True,
+                         stacklevel: int = 4) -> int:
+        """Like :meth:`resolve`, checking checksums (or only sizes: a restore that reads a
+        part of the state must not read every byte to check them); "latest"/"best" fall
+        back to the next checkpoint that verifies (with a warning naming what they
+        skipped)."""
         skipped: dict[int, Verdict] = {}
         while True:
             step = self.resolve(which)
-            verdict = self.examine(step, checksums=True)
-            if verdict is None:  # deleted by a live writer meanwhile: resolve again
+            verdict = self.examine(step, checksums=checksums)
+            if verdict is None:  # deleted by a live writer meanwhile: look again
+                if not self.records:
+                    self.scan()
                 if _is_step(which):
                     raise CheckpointNotFoundError(
                         f"checkpoint {step} in {self.directory} was deleted while it was "
@@ -220,6 +231,21 @@ class Catalog:
                           "manifests): restoring it unverified.", stacklevel=stacklevel)
         return step
 
+    def unverified_message(self, steps: list[int]) -> str:
+        """Why ``steps`` (usable, without a manifest) are unverified, by who wrote them."""
+        orbax = [s for s in steps if s in self.verdicts and self.verdicts[s].writer != "jaxckpt"]
+        mine = [s for s in steps if s not in orbax]
+        parts = []
+        if mine:
+            parts.append(f"checkpoint(s) {mine} in {self.directory} have no manifest: "
+                         "unverified but usable (their writer stopped between Orbax's commit "
+                         "and the manifest, or they predate manifests)")
+        if orbax:
+            parts.append(f"checkpoint(s) {orbax} in {self.directory} were written by plain "
+                         "Orbax, no manifest: complete (Orbax committed them) but their bytes "
+                         "cannot be checked")
+        return "; ".join(parts) + "."
+
     def _corrupt_message(self, verdict: Verdict) -> str:
         usable = self.steps()
         return (f"checkpoint {verdict.step} in {self.directory} is corrupt: "
@@ -232,6 +258,58 @@ class Catalog:
                           for s, v in sorted(self.corrupt.items()))
         return (f"no checkpoint in {self.directory} verifies:\n{lines}\nNone was modified. "
                 "Restore from a copy of the directory, or start the run afresh.")
+
+
+# -- who wrote a directory -------------------------------------------------------------------
+
+
+def writers(directory: epath.Path, *, timeout: float | None = storage.DEFAULT_TIMEOUT_S
+            ) -> dict[int, integrity.Writer]:
+    """The writer of each step directory, from its file names only (no checkpoint read)."""
+    return {step: integrity.writer_of(directory / name)
+            for name in storage.list_names(directory, timeout=timeout)
+            if (step := fmt.step_of(name)) is not None}
+
+
+def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,
+                   timeout: float | None = storage.DEFAULT_TIMEOUT_S) -> None:
+    """Refuse to write into a directory that holds checkpoints plain Orbax wrote, unless
+    the user adopts them. Called before anything is written there (the lock, a probe
+    file, Orbax's clean-up), so that a refused open leaves the directory as it was.
+
+    Raises:
+      CheckpointDirectoryError: Orbax checkpoints without ``adopt``, alone or mixed with
+        jaxckpt's; or ``adopt`` without a policy where no jaxckpt checkpoint holds one.
+    """
+    try:
+        by_writer = writers(directory, timeout=timeout)
+    except NotADirectoryError:
+        return  # a file: storage.check_directory names the problem
+    foreign = sorted(s for s, w in by_writer.items() if w == "orbax")
+    if not foreign:
+        return
+    mine = sorted(s for s, w in by_writer.items() if w == "jaxckpt")
+    if adopt:
+        if not policy_given and not mine:
+            raise CheckpointDirectoryError(
+                f"adopt=True on {directory}, which holds Orbax checkpoints {foreign}, needs "
+                "policy=jaxckpt.CheckpointPolicy(...): the default policy keeps the latest "
+                f"checkpoint only and would delete {len(foreign)} of them at the first save. "
+                "Nothing was changed.")
+        return
+    if mine:
+        raise CheckpointDirectoryError(
+            f"{directory} mixes checkpoints written by jaxckpt ({mine}) and by plain Orbax "
+            f"({foreign}); jaxckpt never deletes, moves or rewrites checkpoints it did not "
+            "write. Move the Orbax checkpoints to a directory of their own; or pass "
+            "adopt=True to manage all of them by this manager's policy (it may delete "
+            "them); or open it with read_only=True to read both. Nothing was changed.")
+    raise CheckpointDirectoryError(
+        f"{directory} holds checkpoints {foreign} written by plain Orbax; jaxckpt never "
+        "deletes, moves or rewrites checkpoints it did not write. Open it with "
+        "read_only=True to list, verify and restore them; pass adopt=True with a "
+        "policy=... to let this manager keep or delete them by that policy; or save into "
+        "a new directory. Nothing was changed.")
 
 
 def _is_step(which: Any) -> bool:

@@ -124,24 +124,33 @@ def _checkpoints(mngr, *, checksums: bool) -> list[dict[str, Any]]:
     best, latest = mngr.best_step(), mngr.latest_step()
     rows = []
     for step in sorted(kept | set(_corrupt(verdicts))):
-        entry = entries.get(step, {})
-        when = entry.get("time") or None
-        status = _status(verdicts.get(step), checksums)
-        rows.append({
-            "step": step,
-            "epoch": entry.get("epoch"),
-            "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
-            "kept": ([str(r) for r in reasons.get(step, ())] if step in kept
-                     else ["set aside: corrupt"]),
-            "best": step == best,
-            "latest": step == latest,
-            "bytes": step_bytes(mngr.directory / str(step)),
-            "time": when,
-            "written": _iso(when),
-            "integrity": status,
-            "problems": list(verdicts[step].problems) if status == "corrupt" else [],
-        })
+        try:
+            rows.append(_row(mngr, step, entries.get(step, {}), verdicts[step], reasons,
+                             kept, best, latest, checksums))
+        except (FileNotFoundError, KeyError):
+            if (mngr.directory / str(step)).exists():
+                raise
+            # deleted by the run writing there while this listing read it: not listed
     return rows
+
+
+def _row(mngr, step, entry, verdict, reasons, kept, best, latest, checksums) -> dict:
+    when = entry.get("time") or None
+    status = _status(verdict, checksums)
+    return {
+        "step": step,
+        "epoch": entry.get("epoch"),
+        "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
+        "kept": ([str(r) for r in reasons.get(step, ())] if step in kept
+                 else ["set aside: corrupt"]),
+        "best": step == best,
+        "latest": step == latest,
+        "bytes": step_bytes(mngr.directory / str(step)),
+        "time": when,
+        "written": _iso(when),
+        "integrity": status,
+        "problems": list(verdict.problems) if status == "corrupt" else [],
+    }
 
 
 def _metric_order(names: Sequence[str], monitor: str | None) -> list[str]:

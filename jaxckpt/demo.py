@@ -5,6 +5,7 @@ The README quotes the demo's numbers; they are produced here, never typed by han
     python -m jaxckpt.demo --readme README.md     # run the README's demo, rewrite its numbers
     python -m jaxckpt.demo --check README.md      # run it, exit 1 if the README differs
 
+On one CPU device, as the README's command runs (more devices sum in another order).
 tests/test_examples.py runs the same check.
 """
 
@@ -52,12 +53,14 @@ def main(argv=None) -> int:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--readme", metavar="README.md", help="rewrite the numbers in place")
     group.add_argument("--check", metavar="README.md", help="exit 1 if they differ")
+    p.add_argument("--workdir", help="where the demo writes (default: a new temporary "
+                                     "directory)")
     args = p.parse_args(argv)
     path = args.readme or args.check
     with open(path) as f:
         text = f.read()
     old = readme_block(text)
-    new = readme_numbers(run(epochs=README_EPOCHS, seed=README_SEED, quiet=True))
+    new = readme_numbers(run(args.workdir, epochs=README_EPOCHS, seed=README_SEED, quiet=True))
     if args.check:
         print(f"README: {old}\ndemo:   {new}")
         return 0 if old == new else 1

@@ -77,6 +77,13 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def is_leftover(name: str) -> bool:
+    """A file of jaxckpt's own that a killed writer may leave in the directory: a
+    temporary ledger or lock file, or a lock moved aside during a take-over."""
+    return (is_temp(name) or name.endswith(".stale")) and name.startswith(
+        (f".{HISTORY_FILE}.", f".{LOCK_FILE}.", ".jaxckpt-probe"))
+
+
 # -- meta/metadata -----------------------------------------------------------------------
 
 

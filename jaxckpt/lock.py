@@ -193,6 +193,8 @@ class DirectoryLock:
             text = self.path.read_text()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:  # garbage bytes: a damaged lock, judged stale below
+            return {}
         try:
             owner = json.loads(text)
         except json.JSONDecodeError:
@@ -238,7 +240,9 @@ class DirectoryLock:
             return self._create()
         try:
             moved = json.loads(aside.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            moved = {}
+        if not isinstance(moved, dict):
             moved = {}
         if moved.get("run_id") != stale.get("run_id"):
             # Someone replaced the stale lock between our read and the rename: put it back.
@@ -273,9 +277,23 @@ class DirectoryLock:
             if started is not None and isinstance(recorded, (int, float)) and \
                     abs(started - recorded) > 1.0:
                 return f"pid {pid} now belongs to another process"
+        if beat > now + self.stale_after_s:
+            # A heartbeat from the future (a skewed clock, a hand-edited file) proves
+            # nothing: judge by when the store last saw the file change.
+            changed = self._modified()
+            if changed is None or now - changed > self.stale_after_s:
+                return (f"its heartbeat lies {beat - now:.0f} s in the future and the file "
+                        f"has not changed for more than {self.stale_after_s:.0f} s")
+            return None
         if now - beat > self.stale_after_s:
             return f"its last heartbeat is {now - beat:.0f} s old (> {self.stale_after_s:.0f} s)"
         return None
+
+    def _modified(self) -> float | None:
+        try:
+            return self.path.stat().mtime
+        except (OSError, AttributeError):
+            return None
 
     def _locked_message(self, owner: dict) -> str:
         if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():

@@ -41,7 +41,7 @@ from jaxckpt import format as fmt
 from jaxckpt import integrity, ledger as ledger_lib, orbax_io, storage
 from jaxckpt import target as target_lib
 from jaxckpt.background import Background
-from jaxckpt.catalog import Catalog, Which
+from jaxckpt.catalog import Catalog, Which, check_writable
 from jaxckpt.errors import (CheckpointDirectoryError, CheckpointNotFoundError,
                             CheckpointWriteError, DirectoryLockedError)
 from jaxckpt.ledger import Entry, Ledger
@@ -88,8 +88,9 @@ class CheckpointManager:
         Orbax. A failed background write is raised by the next ``save``/``wait``.
       read_only: inspect only: never writes, deletes, locks or cleans the directory.
       adopt: let a writing manager manage checkpoints that plain Orbax wrote in
-        ``directory`` (they count in the policy and may be deleted by it). Without it,
-        such a directory opens for reading only.
+        ``directory`` (they count in the policy and may be deleted by it; needs
+        ``policy``). Without it, a writing open of such a directory is refused before
+        anything is written; ``read_only=True`` lists, verifies and restores it.
       storage_timeout_s: deadline of each storage call jaxckpt makes on an object store,
         and of ``wait``/``close`` for the background work.
       clock: the time source for time-based rules (injectable for tests).
@@ -112,6 +113,9 @@ class CheckpointManager:
         self._timeout = storage_timeout_s
         self._primary = jax.process_index() == 0
         self._closed = True  # until fully open
+        if not read_only:  # first: a refused open must leave the directory as it was
+            check_writable(self._dir, adopt=adopt, policy_given=policy is not None,
+                           timeout=self._timeout)
         storage.check_directory(self._dir, read_only=read_only, timeout=self._timeout)
         stored = ledger_lib.read_file(self._dir, timeout=self._timeout)
         # The lock comes first: Orbax's start-up deletes temporary directories, which are
@@ -122,9 +126,10 @@ class CheckpointManager:
                 storage.finish_deletions(self._dir)
             self._catalog = Catalog(self._dir, policy or CheckpointPolicy(), self._timeout)
             self._catalog.scan(warn=self._warn_corrupt)
+            if self._primary and not read_only:
+                self._finish_incomplete()
             self.policy = policy or self._stored_policy(stored)
             self._catalog.revalue(self.policy)
-            self._check_foreign(adopt)
             self._ledger = self._load_ledger(stored)
             self._auto = AutoInterval(self.policy, save_cost_s=(stored or {}).get("save_cost_s"),
                                       every=(stored or {}).get("auto_every"))
@@ -323,7 +328,8 @@ class CheckpointManager:
 
     # -- restoring ---------------------------------------------------------------------------
 
-    def restore(self, which: Which = "latest", target: Any = None) -> Any:
+    def restore(self, which: Which = "latest", target: Any = None, *,
+                subtree: str | tuple[str, ...] | None = None) -> Any:
         """The state saved at ``which`` (``"latest"``, ``"best"`` or a step).
 
         Args:
@@ -332,25 +338,45 @@ class CheckpointManager:
             processes or devices that wrote it); or any pytree of the saved structure
             (concrete arrays or ``jax.ShapeDtypeStruct`` with shardings): the arrays come
             back placed like the target, in the target's containers.
+          subtree: restore only this part of the state, a dict key or a path of them
+            (``"params"``, ``("params", "Dense_0")``); ``target`` is then that part's. The
+            other arrays' bytes are not read (evaluate without loading the optimizer), so
+            the checkpoint's file sizes are checked, not its checksums (see :meth:`verify`).
 
         Raises:
           CheckpointNotFoundError: no such checkpoint (lists the available steps).
           CheckpointCorruptError: checkpoint ``which`` (an int step) fails verification, or
             none does. ``"latest"``/``"best"`` skip a checkpoint that fails, with a warning
             naming it, and restore the next one that verifies.
-          RestoreStructureError: ``target`` differs from the checkpoint (lists the keys).
+          RestoreStructureError: ``target`` differs from the checkpoint (lists the keys),
+            or ``subtree`` is not in it.
         """
-        return self.restore_checkpoint(which, target).state
+        return self.restore_checkpoint(which, target, subtree=subtree).state
 
-    def restore_checkpoint(self, which: Which = "latest", target: Any = None) -> Checkpoint:
+    def restore_checkpoint(self, which: Which = "latest", target: Any = None, *,
+                           subtree: str | tuple[str, ...] | None = None) -> Checkpoint:
         """Like :meth:`restore`, with the step's metrics, epoch and data state."""
         self._check_open()
+        path = orbax_io.as_subtree(subtree)
         self._finish_pending()
-        step = self._catalog.resolve_verified(which)
-        state = self._restore_state(step, target)
-        meta = self._catalog.read_meta(step)
-        return Checkpoint(step, state, meta.get("metrics"), meta.get("epoch"),
-                          self._read_data_state(step))
+        while True:
+            step = self._catalog.resolve_verified(which, checksums=not path)
+            try:
+                state = orbax_io.restore_state(self._dir / str(step), target, step=step,
+                                               subtree=path)
+                meta = self._catalog.read_meta(step)
+                data_state = self._read_data_state(step)
+            except Exception:
+                if (self._dir / str(step)).exists():
+                    raise
+                # Deleted by the run writing there while this one read it: look again.
+                self._catalog.scan(warn=self._warn_corrupt)
+                if not isinstance(which, str):
+                    raise CheckpointNotFoundError(
+                        f"checkpoint {step} in {self._dir} was deleted while it was being "
+                        f"read (by the run writing there); available: {self.steps()}.")
+                continue
+            return Checkpoint(step, state, meta.get("metrics"), meta.get("epoch"), data_state)
 
     def restore_data_state(self, which: Which = "latest") -> Any:
         """The data iterator state saved with checkpoint ``which`` (None if none was)."""
@@ -395,9 +421,7 @@ class CheckpointManager:
                     problems = [verdict.describe()]
             out[s] = problems
         if unverified and not strict:
-            warnings.warn(f"checkpoint(s) {unverified} in {self._dir} have no manifest: "
-                          "unverified but usable (written by plain Orbax, or their writer "
-                          "stopped between Orbax's commit and the manifest).", stacklevel=2)
+            warnings.warn(self._catalog.unverified_message(unverified), stacklevel=2)
         return out
 
     def delete(self, step: int) -> None:
@@ -563,23 +587,6 @@ class CheckpointManager:
 
     # -- internals: reading ------------------------------------------------------------------------
 
-    def _restore_state(self, step: int, target: Any) -> Any:
-        step_dir = self._dir / str(step)
-        items = orbax_io.pytree_items(step_dir)
-        name = next((n for n in (fmt.STATE, "default") if n in items), None)
-        if name is None and target is None:  # plain Orbax Composite: every PyTree item
-            return {n: self._restore_item(step_dir / n, None, step) for n in items}
-        if name is None:
-            raise CheckpointNotFoundError(
-                f"checkpoint {step} in {self._dir} has items {items}, none named 'state' or "
-                "'default'. Restore with target=None to get every item.")
-        return self._restore_item(step_dir / name, target, step)
-
-    @staticmethod
-    def _restore_item(item_dir, target: Any, step: int) -> Any:
-        plan = target_lib.restore_plan(orbax_io.item_metadata(item_dir), target, step)
-        return plan.finish(orbax_io.restore_item(item_dir, plan.abstract))
-
     def _read_data_state(self, step: int) -> Any:
         path = self._dir / str(step) / fmt.DATA_STATE / "metadata"
         try:
@@ -595,8 +602,11 @@ class CheckpointManager:
         """The policy the directory was written with: ``jaxckpt.json``, else the newest
         checkpoint's own record. A directory with checkpoints never gets a default."""
         candidates = [stored.get("policy")] if stored else []
-        candidates += [self._catalog.read_meta(s).get("policy")
-                       for s in sorted(self._catalog.records, reverse=True)]
+        for step in sorted(self._catalog.records, reverse=True):
+            try:
+                candidates.append(self._catalog.read_meta(step).get("policy"))
+            except FileNotFoundError:  # deleted by a live writer meanwhile
+                continue
         for data in candidates:
             if isinstance(data, dict):
                 try:
@@ -611,16 +621,15 @@ class CheckpointManager:
                 "policy the run was started with).")
         return CheckpointPolicy()
 
-    def _check_foreign(self, adopt: bool) -> None:
-        foreign = sorted(s for s, v in self._catalog.verdicts.items() if v.writer != "jaxckpt")
-        if not foreign or self._read_only or adopt:
-            return
-        raise CheckpointDirectoryError(
-            f"{self._dir} holds checkpoints {foreign} written by plain Orbax (or another "
-            "tool); jaxckpt never deletes, moves or rewrites checkpoints it did not write. "
-            "Open it with read_only=True to list and restore them; pass adopt=True to let "
-            "this manager apply its policy to them (it may delete them); or save into a "
-            "new directory.")
+    def _finish_incomplete(self) -> None:
+        """Remove half-deleted checkpoints that an older jaxckpt, deleting in place, left
+        behind (never a step some other tool wrote)."""
+        for step, verdict in list(self._catalog.incomplete.items()):
+            if verdict.writer == "jaxckpt":
+                log.warning("removing incomplete checkpoint %d in %s (%s)", step, self._dir,
+                            verdict.describe())
+                storage.remove_tree(self._dir, step, timeout=self._timeout)
+                self._catalog.forget(step)
 
     def _load_ledger(self, stored: dict | None) -> Ledger:
         entries = [Entry.from_json(e) for e in stored["history"]] if stored else []
@@ -628,7 +637,11 @@ class CheckpointManager:
         # Each checkpoint carries the entries since the previous one: what a lost, damaged
         # or not yet rewritten jaxckpt.json lacks comes back from there.
         for step in self._catalog.steps():
-            meta = self._catalog.read_meta(step)
+            try:
+                meta = self._catalog.read_meta(step)
+            except FileNotFoundError:  # deleted by a live writer meanwhile
+                self._catalog.forget(step)
+                continue
             segment = [Entry.from_json(e) for e in meta.get("ledger") or []]
             if not any(e.step == step for e in segment):
                 segment.append(Entry(step, meta.get("metrics"), meta.get("epoch"),

@@ -2,24 +2,31 @@
 restores. Public Orbax API only.
 
 Saves go through ``ocp.CheckpointManager`` (atomic finalize, async write, temporary
-directory cleanup). Restores read one item directory with a ``PyTreeCheckpointer``, so a
+directory cleanup). Restores read item directories with a ``PyTreeCheckpointer``, so a
 checkpoint restores the same whoever wrote it: jaxckpt (item ``state``) or plain Orbax
-(``default``, or named items of a Composite save).
+(``default``, or named items of a Composite save). A subtree restore hands Orbax only that
+subtree (``partial_restore``): the other arrays' bytes are never read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxckpt import format as fmt
+from jaxckpt import target as target_lib
+from jaxckpt.errors import CheckpointNotFoundError, RestoreStructureError
 from jaxckpt.policy import CheckpointPolicy
 
 __all__ = ["new_manager", "save", "close_quietly", "pytree_items", "item_metadata",
-           "restore_item"]
+           "restore_item", "restore_state", "as_subtree"]
+
+ORBAX_DEFAULT_ITEM = "default"
+"""The item of a plain ``ocp.CheckpointManager`` saved without item names."""
 
 log = logging.getLogger("jaxckpt")
 
@@ -51,6 +58,9 @@ def new_manager(directory: epath.Path, *, async_save: bool, read_only: bool,
         read_only=read_only,
         best_fn=(lambda m: m[monitor]) if monitor else None,
         best_mode=policy.resolved_mode,
+        # Do not read every step's metadata at start-up: one damaged step would make
+        # the whole directory unusable (jaxckpt's catalog checks each step itself).
+        lightweight_initialize=True,
     )
     handlers = {fmt.STATE: _state_handler(), fmt.META: ocp.JsonCheckpointHandler(),
                 fmt.DATA_STATE: ocp.JsonCheckpointHandler()}
@@ -62,7 +72,21 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
     items = {fmt.STATE: ocp.args.PyTreeSave(state), fmt.META: ocp.args.JsonSave(meta)}
     if data_state is not None:
         items[fmt.DATA_STATE] = ocp.args.JsonSave(data_state)
-    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    if metrics is not None:
+        manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        return
+    # A save without metrics (mid-epoch, preemption) is meant; Orbax would log "did not
+    # provide metrics" at each one. Only that record, only during this call, is dropped.
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_drop_no_metrics)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+    finally:
+        absl_log.removeFilter(_drop_no_metrics)
+
+
+def _drop_no_metrics(record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
 
 
 def close_quietly(manager: ocp.CheckpointManager, reported: BaseException | None) -> None:
@@ -85,21 +109,110 @@ def pytree_items(step_dir: epath.Path) -> list[str]:
     """Items of a step that hold a PyTree (``state``, ``default``, or user-named)."""
     out = []
     for child in sorted(step_dir.iterdir(), key=lambda p: p.name):
+        if child.name.startswith("ocdbt.process_"):
+            continue  # a PyTree's own per-process data, not an item
         if child.is_dir() and ((child / "_METADATA").exists()
                                or (child / "manifest.ocdbt").exists()):
             out.append(child.name)
     return out
 
 
+def is_bare_pytree(step_dir: epath.Path) -> bool:
+    """A step saved by a bare Checkpointer (``ocp.StandardCheckpointer().save(DIR/step,
+    state)``): the PyTree is the step directory itself, with no item."""
+    return (step_dir / "_METADATA").exists()
+
+
 def item_metadata(item_dir: epath.Path) -> Any:
     """The saved tree of an item: ``ArrayMetadata`` leaves (shape, dtype) and scalars."""
-    meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+    # The handler, not a Checkpointer: that one looks for a step record inside the item
+    # and logs a warning that it is missing (it never is there).
+    meta = ocp.PyTreeCheckpointHandler().metadata(item_dir)
     meta = getattr(meta, "item_metadata", meta)
     return meta.tree if hasattr(meta, "tree") else meta
 
 
-def restore_item(item_dir: epath.Path, abstract: Any) -> Any:
-    """Read an item into ``abstract`` (``jax.ShapeDtypeStruct`` leaves with shardings)."""
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    return ocp.PyTreeCheckpointer().restore(
-        item_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] = ()) -> Any:
+    """Read an item into ``abstract`` (``jax.ShapeDtypeStruct`` leaves with shardings);
+    with ``subtree``, ``abstract`` is that subtree's and only its arrays are read."""
+    item = abstract
+    for key in reversed(subtree):
+        item = {key: item}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=bool(subtree)))
+    for key in subtree:
+        restored = restored[key]
+    return restored
+
+
+def as_subtree(subtree: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"params"`` or ``("params", "Dense_0")`` as a key path; None: the whole state."""
+    if subtree is None:
+        return ()
+    path = (subtree,) if isinstance(subtree, str) else tuple(subtree)
+    if not path or not all(isinstance(k, str) and k for k in path):
+        raise TypeError(f"subtree must be a dict key or a tuple of dict keys, e.g. 'params' "
+                        f"or ('params', 'Dense_0'); got {subtree!r}.")
+    return path
+
+
+def restore_state(step_dir: epath.Path, target: Any, *, step: int,
+                  subtree: tuple[str, ...] = ()) -> Any:
+    """The state of the checkpoint in ``step_dir``, whoever wrote it, into ``target``.
+
+    The state is item ``state`` (jaxckpt), ``default`` (a plain Orbax manager) or the
+    step directory itself (a bare Orbax checkpointer's save). A plain Orbax
+    Composite save with neither is the dict of its PyTree items (``{"params": ...,
+    "opt_state": ...}``), restored with a dict target of those keys; ``subtree``'s first
+    key then names an item.
+
+    Raises:
+      RestoreStructureError: ``subtree`` is not in the checkpoint, or ``target`` does not
+        fit it (each names the keys the checkpoint has).
+    """
+    if is_bare_pytree(step_dir):
+        return _restore_into(step_dir, target, step, subtree)
+    items = pytree_items(step_dir)
+    main = next((n for n in (fmt.STATE, ORBAX_DEFAULT_ITEM) if n in items), None)
+    if main is not None:
+        return _restore_into(step_dir / main, target, step, subtree)
+    if not items:
+        raise CheckpointNotFoundError(
+            f"checkpoint {step} in {step_dir.parent} holds no PyTree item (it has "
+            f"{sorted(p.name for p in step_dir.iterdir())}); it cannot be restored as a state.")
+    if subtree:
+        if subtree[0] not in items:
+            raise RestoreStructureError(
+                f"subtree {subtree} is not in checkpoint {step} in {step_dir.parent}: it is a "
+                f"plain Orbax Composite save with the items {items}.")
+        return _restore_into(step_dir / subtree[0], target, step, subtree[1:])
+    if target is None:
+        target = dict.fromkeys(items)
+    elif not (isinstance(target, Mapping) and sorted(target) == items):
+        raise RestoreStructureError(
+            f"checkpoint {step} in {step_dir.parent} is a plain Orbax Composite save with "
+            f"the items {items}: pass a dict target with exactly these keys (each item's "
+            "target), restore one item with subtree='<item>', or pass target=None.")
+    return {n: _restore_into(step_dir / n, target[n], step, ()) for n in items}
+
+
+def _restore_into(item_dir: epath.Path, target: Any, step: int,
+                  subtree: tuple[str, ...]) -> Any:
+    saved = _subtree_of(item_metadata(item_dir), subtree, step)
+    plan = target_lib.restore_plan(saved, target, step)
+    return plan.finish(restore_item(item_dir, plan.abstract, subtree))
+
+
+def _subtree_of(saved: Any, subtree: tuple[str, ...], step: int) -> Any:
+    node = saved
+    for depth, key in enumerate(subtree):
+        if not isinstance(node, Mapping) or key not in node:
+            where = "/".join(subtree[:depth]) or "the top level"
+            has = (f"the keys {sorted(node)}" if isinstance(node, Mapping) else
+                   f"a {type(node).__name__}, not a dict")
+            raise RestoreStructureError(
+                f"subtree {subtree} is not in checkpoint {step}: at {where} it holds {has}. "
+                "Name dict keys of the saved state (restore with target=None to see them).")
+        node = node[key]
+    return node

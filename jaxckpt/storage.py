@@ -8,7 +8,6 @@ run. A timed-out call keeps running in a daemon thread; nothing it was doing is 
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import threading
@@ -44,31 +43,35 @@ def as_path(directory: str | os.PathLike) -> epath.Path:
     return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
-_pool_lock = threading.Lock()
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
 def call(fn: Callable[..., T], *args: Any, what: str, path: Any,
          timeout: float | None = DEFAULT_TIMEOUT_S) -> T:
     """``fn(*args)``, raising :class:`StorageTimeoutError` past ``timeout`` seconds.
 
-    Local calls run inline (a local disk that hangs is beyond repair by a deadline); calls
-    on an object store run in a helper thread so that the caller can stop waiting.
+    Local calls run inline (a local disk that hangs is beyond repair by a deadline). Calls
+    on an object store run in a daemon thread, so that neither the caller nor the
+    interpreter's exit waits for a store that stopped answering.
     """
     if timeout is None or not is_remote(path):
         return fn(*args)
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="jaxckpt-io")
-    future = _pool.submit(fn, *args)
-    try:
-        return future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run():
+        try:
+            result.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            error.append(e)
+    worker = threading.Thread(target=run, name="jaxckpt-io", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
         raise StorageTimeoutError(
             f"{what} {path} did not finish within {timeout:.0f} s: the store stopped "
             "answering. Nothing saved was lost; check the store (or the network) and "
-            "save again, or raise CheckpointManager(storage_timeout_s=...).") from None
+            "save again, or raise CheckpointManager(storage_timeout_s=...).")
+    if error:
+        raise error[0]
+    return result[0]
 
 
 def read_text(path: epath.Path, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> str:
@@ -167,8 +170,7 @@ def finish_deletions(directory: epath.Path) -> None:
     if is_remote(directory):
         return
     for name in list_names(directory):
-        if fmt.is_deleting(name) or (fmt.is_temp(name) and name.startswith(
-                f".{fmt.HISTORY_FILE}.")):
+        if fmt.is_deleting(name) or fmt.is_leftover(name):
             path = os.path.join(directory, name)
             log.debug("removing %s, left by an interrupted writer", path)
             if os.path.isdir(path) and not os.path.islink(path):
@@ -217,9 +219,12 @@ def check_directory(path: epath.Path, *, read_only: bool,
     """Raise :class:`~jaxckpt.CheckpointDirectoryError` (naming the fix) unless ``path``
     can be used: an existing directory to read, or a writable (creatable) one to write."""
     from jaxckpt.errors import CheckpointDirectoryError
-    forget_cached_listings(path)
     s = str(path)
-    exists = call(path.exists, what="looking up", path=path, timeout=timeout)
+
+    def look():
+        forget_cached_listings(path)
+        return path.exists()
+    exists = call(look, what="looking up", path=path, timeout=timeout)
     if exists and not call(path.is_dir, what="looking up", path=path, timeout=timeout):
         raise CheckpointDirectoryError(
             f"checkpoint directory {s} is a file. Pass a directory path (it is created if "

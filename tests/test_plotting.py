@@ -85,14 +85,16 @@ def test_checkpoint_plot_uses_epochs_too_with_steps_on_a_second_axis(run):
 
 def test_plotting_never_switches_the_backend_nor_loads_pyplot(run, tmp_path):
     directory, _ = run
+    # The raw rcParams entry: matplotlib.get_backend() would itself load pyplot to resolve it.
     code = ("import sys, matplotlib, jaxckpt\n"
-            "before = matplotlib.get_backend()\n"
+            "backend = lambda: dict.__getitem__(matplotlib.rcParams, 'backend')\n"
+            "before = backend()\n"
             f"h = jaxckpt.History(rows=[{{'epoch': 1, 'loss': 1.0}}, {{'epoch': 2, 'loss': 0.5}}],"
             " monitor='loss')\n"
             f"h.plot({str(tmp_path / 'p.png')!r})\n"
             "from jaxckpt.cli import main\n"
             f"assert main(['plot', {str(directory)!r}, '-o', {str(tmp_path / 'c.png')!r}]) == 0\n"
-            "assert matplotlib.get_backend() == before, matplotlib.get_backend()\n"
+            "assert backend() == before, (before, backend())\n"
             "assert 'matplotlib.pyplot' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
