@@ -77,6 +77,12 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def is_orbax_temp(name: str) -> bool:
+    """A step directory Orbax was writing when its writer died (``33.orbax-checkpoint-tmp``)."""
+    head, sep, _ = name.partition(".orbax-checkpoint-tmp")
+    return bool(sep) and head.isdigit()
+
+
 def is_leftover(name: str) -> bool:
     """A file of jaxckpt's own that a killed writer may leave in the directory: a
     temporary ledger or lock file, or a lock moved aside during a take-over."""

@@ -166,11 +166,13 @@ def remove_tree(directory: epath.Path, step: int, *,
 
 
 def finish_deletions(directory: epath.Path) -> None:
-    """Remove what deletions interrupted by a crash left behind (local disks only)."""
+    """Remove what a killed writer left behind: interrupted deletions, Orbax's temporary
+    step directories, jaxckpt's temporary files (local disks; Orbax cleans stores)."""
     if is_remote(directory):
         return
     for name in list_names(directory):
-        if fmt.is_deleting(name) or fmt.is_leftover(name):
+        # The writer holds the lock, so no other run's checkpoint is in flight here.
+        if fmt.is_deleting(name) or fmt.is_leftover(name) or fmt.is_orbax_temp(name):
             path = os.path.join(directory, name)
             log.debug("removing %s, left by an interrupted writer", path)
             if os.path.isdir(path) and not os.path.islink(path):

@@ -399,9 +399,18 @@ def _saved_plan(saved_tree: Any) -> RestorePlan:
             plans.append(_LeafPlan(_python_zero(meta), lambda v: v))
         elif isinstance(meta, ocp_metadata.StringMetadata):
             plans.append(_LeafPlan("", lambda v: v))  # foreign checkpoints may hold text
+        elif is_array_metadata(meta):
+            plans.append(_LeafPlan(_numpy_placeholder(meta), np.asarray))
         else:
-            plans.append(_LeafPlan(local_abstract(meta), np.asarray))
+            plans.append(_LeafPlan(meta, np.asarray))
     return _assemble(treedef, plans)
+
+
+def _numpy_placeholder(meta: Any) -> np.ndarray:
+    """A numpy "array" of the saved shape and dtype that takes no memory: Orbax reads a
+    numpy leaf as numpy, in the saved dtype (a JAX target would turn float64 into float32
+    unless x64 is on), whatever topology wrote it."""
+    return np.broadcast_to(np.zeros((), np.dtype(meta.dtype)), tuple(meta.shape))
 
 
 def local_abstract(meta: Any) -> Any:

@@ -179,6 +179,8 @@ def test_numpy_integer_step_and_epoch_are_fine_and_scalars_round_trip(tmp_path):
                           epoch=np.int32(i))
         m.wait()
         restored = m.restore("latest", target={"x": value(0), "n": 0, "lr": 0.0, "on": False})
+        plain = m.restore("latest")  # no target: numpy in the saved dtype, even float64
+    assert plain["x"].dtype == np.float64 and np.array_equal(plain["x"], value(6))
     assert (restored["n"], restored["lr"], restored["on"]) == (3, 0.5, True)
     assert type(restored["n"]) is int and type(restored["on"]) is bool
 
