@@ -27,10 +27,28 @@ from jaxckpt.state import nnx_split as nnx_split
 __version__ = "0.1.0"
 from jaxckpt.history import History as History
 from jaxckpt.early_stopping import EarlyStopping as EarlyStopping
-from jaxckpt.train import NonFiniteLossError as NonFiniteLossError
-from jaxckpt.train import Trainer as Trainer
-from jaxckpt.callbacks import Callback as Callback
-from jaxckpt.loggers import CSVLogger as CSVLogger
-from jaxckpt.loggers import FunctionLogger as FunctionLogger
-from jaxckpt.loggers import TensorBoardLogger as TensorBoardLogger
-from jaxckpt.loggers import WandbLogger as WandbLogger
+
+# The training loop pulls in grain, tensorflow-datasets and rich: loaded on first use, so
+# that `import jaxckpt` and read-only CLI commands stay light.
+_LAZY = {
+    "NonFiniteLossError": "jaxckpt.train",
+    "Trainer": "jaxckpt.train",
+    "Callback": "jaxckpt.callbacks",
+    "CSVLogger": "jaxckpt.loggers",
+    "FunctionLogger": "jaxckpt.loggers",
+    "TensorBoardLogger": "jaxckpt.loggers",
+    "WandbLogger": "jaxckpt.loggers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxckpt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

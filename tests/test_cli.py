@@ -339,8 +339,10 @@ def test_read_only_commands_change_nothing(tutorial, tmp_path, capsys):
     for argv in (["ls"], ["ls", "--json"], ["best"], ["best", "--json"], ["verify"],
                  ["plot", "-o", str(tmp_path / "p.png")],
                  ["prune", "--keep-best", "0", "--keep-latest", "1", "--dry-run"]):
-        main([argv[0], str(tutorial), *argv[1:]])
-    capsys.readouterr()
+        assert main([argv[0], str(tutorial), *argv[1:]]) == 0, (argv, capsys.readouterr())
+        out = capsys.readouterr().out
+        assert out.strip(), argv  # each command did its work, not an early exit
+    assert (tmp_path / "p.png").stat().st_size > 1000
     assert snapshot(tutorial) == before
 
 

@@ -167,17 +167,17 @@ def test_restore_or_init_places_the_state_by_shardings_both_ways(tmp_path):
 def test_restore_or_init_never_restarts_silently(tmp_path):
     with CheckpointManager(tmp_path) as mngr:
         mngr.save(1, {"w": jnp.ones(3)})
-    with CheckpointManager(tmp_path, read_only=True) as mngr:
-        with pytest.raises(jaxckpt.RestoreStructureError, match="w"):  # another model
-            jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(4)})
-    with CheckpointManager(tmp_path / "empty") as mngr:
-        with pytest.raises(jaxckpt.CheckpointNotFoundError, match="step 3"):
-            jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(3)}, which=3)
+    with CheckpointManager(tmp_path, read_only=True) as mngr, \
+            pytest.raises(jaxckpt.RestoreStructureError, match="w"):  # another model
+        jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(4)})
+    with CheckpointManager(tmp_path / "empty") as mngr, \
+            pytest.raises(jaxckpt.CheckpointNotFoundError, match="step 3"):
+        jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(3)}, which=3)
     manifest = tmp_path / "1" / "state" / "manifest.ocdbt"
     manifest.write_bytes(b"\0" * manifest.stat().st_size)  # damaged, same size
-    with CheckpointManager(tmp_path, read_only=True) as mngr:
-        with pytest.raises(jaxckpt.CheckpointCorruptError, match="checksum mismatch"):
-            jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(3)})
+    with CheckpointManager(tmp_path, read_only=True) as mngr, \
+            pytest.raises(jaxckpt.CheckpointCorruptError, match="checksum mismatch"):
+        jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(3)})
     manifest.write_bytes(b"\0")  # truncated: set aside when the directory is opened
     with pytest.warns(UserWarning, match="corrupt"):
         mngr = CheckpointManager(tmp_path, read_only=True)

@@ -77,7 +77,9 @@ def main(argv=None) -> bool:
     print("   " + next(line for line in out.splitlines() if line.startswith("resumed")))
 
     (a, hist_a), (b, hist_b) = final(reference), final(crashy)
-    same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    same = (jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb) > 0
+            and all(np.array_equal(x, y) for x, y in zip(la, lb)))
     same = same and hist_a == hist_b
     print(f"5. final params, optimizer state and history identical to the reference: {same}")
     return same
