@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tuning-size", type=float, default=None, metavar="MiB",
                    help="state size of the Orbax options comparison")
     p.add_argument("--tuning-variants", type=int, default=None, metavar="N",
-                   help="compare only the first N Orbax variants (default: 2 with --quick, "
-                        f"else all {len(TUNING_VARIANTS)})")
+                   help="compare the first N Orbax storage variants (default: all "
+                        f"{len(TUNING_VARIANTS)}; with --quick none unless this is given)")
     p.add_argument("--no-tuning", action="store_true", help="skip the Orbax options comparison")
     p.add_argument("--keep-logs", action="store_true", help="keep the subprocess logs")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -226,7 +226,6 @@ TUNING_VARIANTS = {  # name: PyTreeCheckpointHandler options (None: StandardChec
     "zarr3, no compression": dict(use_zarr3=True, use_compression=False),
     "zarr3 + zstd": dict(use_zarr3=True),
 }
-QUICK_TUNING = list(TUNING_VARIANTS)[:2]  # zstd or not: the setting jaxckpt applies
 
 
 def run_tuning(cfg: dict) -> dict:

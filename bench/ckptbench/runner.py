@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ckptbench import measure, progress, report, savers
-from ckptbench.cases import QUICK_TUNING, TUNING_VARIANTS, units
+from ckptbench.cases import TUNING_VARIANTS, units
 
 QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=3, blocking_reps=3,
              auto_size=32.0, tuning_size=64.0, leaves=1000)
@@ -36,10 +36,10 @@ def plan(args, base: str, work: Path) -> tuple[dict, list[dict]]:
     if not args.no_leaves:
         n = args.leaves or preset["leaves"]
         jobs.append(dict(common, job="leaves", leaves=n, label=f"{n} small arrays"))
-    if not args.no_tuning:
+    # --quick leaves the storage-options study out unless --tuning-variants asks for it.
+    if not args.no_tuning and (not args.quick or args.tuning_variants):
         size = args.tuning_size or (preset["tuning_size"] if not args.sizes else min(sizes))
-        variants = QUICK_TUNING if args.quick else list(TUNING_VARIANTS)
-        for variant in variants[:args.tuning_variants or len(variants)]:
+        for variant in list(TUNING_VARIANTS)[:args.tuning_variants or len(TUNING_VARIANTS)]:
             jobs.append(dict(common, job="tuning", size_mb=size, tuning_reps=2, variant=variant,
                              label=f"Orbax {variant}, {size:g} MiB"))
     if not args.no_auto:
