@@ -180,7 +180,7 @@ class Catalog:
         elif _is_step(which):
             step = int(which)
             if step in self.corrupt:
-                raise CheckpointCorruptError(self._corrupt_message(self.corrupt[step]))
+                raise CheckpointCorruptError(self.corrupt_message(self.corrupt[step]))
             if step not in self.records:
                 raise CheckpointNotFoundError(
                     f"no checkpoint for step {step} in {self.directory}; available steps: "
@@ -189,7 +189,7 @@ class Catalog:
             raise ValueError(f"which must be 'latest', 'best' or an int step, got {which!r}.")
         if step is None:
             if self.corrupt:
-                raise CheckpointCorruptError(self._all_corrupt_message())
+                raise CheckpointCorruptError(self._allcorrupt_message())
             raise CheckpointNotFoundError(
                 f"no checkpoints in {self.directory}: nothing has been saved there yet.")
         return step
@@ -215,7 +215,7 @@ class Catalog:
             if verdict.ok:
                 break
             if _is_step(which):
-                raise CheckpointCorruptError(self._corrupt_message(verdict))
+                raise CheckpointCorruptError(self.corrupt_message(verdict))
             skipped[step] = verdict
         # Name every damaged checkpoint the answer would otherwise have been.
         skipped.update({s: v for s, v in self.corrupt.items() if which == "best" or s > step})
@@ -246,14 +246,14 @@ class Catalog:
                          "cannot be checked")
         return "; ".join(parts) + "."
 
-    def _corrupt_message(self, verdict: Verdict) -> str:
+    def corrupt_message(self, verdict: Verdict) -> str:
         usable = self.steps()
         return (f"checkpoint {verdict.step} in {self.directory} is corrupt: "
                 + "; ".join(verdict.problems) + ". It was not modified. Restore another step"
                 + (f" ({usable})" if usable else "") + ", or 'latest'/'best', which skip "
                 "corrupt checkpoints.")
 
-    def _all_corrupt_message(self) -> str:
+    def _allcorrupt_message(self) -> str:
         lines = "\n".join(f"  step {s}: {'; '.join(v.problems)}"
                           for s, v in sorted(self.corrupt.items()))
         return (f"no checkpoint in {self.directory} verifies:\n{lines}\nNone was modified. "

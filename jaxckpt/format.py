@@ -41,6 +41,7 @@ LOCK_FILE = "jaxckpt.lock"
 CORRUPT_DIR = "jaxckpt-corrupt"
 MANIFEST_FILE = "jaxckpt_manifest.json"
 ORBAX_METADATA = "_CHECKPOINT_METADATA"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's, on object stores
 STATE, META, DATA_STATE, METRICS = "state", "meta", "data_state", "metrics"
 META_FORMAT = "jaxckpt/1"
 HISTORY_FORMAT = "jaxckpt/1"

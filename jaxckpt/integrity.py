@@ -39,7 +39,14 @@ __all__ = ["Verdict", "MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "wri
            "read_manifest", "check", "safe_relative_path"]
 
 MANIFEST_FILE = fmt.MANIFEST_FILE
-MANIFEST_FORMAT = "jaxckpt-manifest/1"
+MANIFEST_FORMAT = "jaxckpt-manifest/2"
+"""Version 2: checksums for the small files only; array data is covered by per-leaf
+fingerprints taken from the arrays at save time (:mod:`jaxckpt.fingerprint`) and checked
+on the arrays a restore reads, so no byte is read twice. Version 1 (a checksum per file)
+is still read and checked."""
+FORMATS = ("jaxckpt-manifest/1", MANIFEST_FORMAT)
+SMALL_FILE = 1 << 20
+"""Files up to this size get a checksum in a version-2 manifest (metadata, indexes)."""
 _CHUNK = 8 << 20
 log = logging.getLogger("jaxckpt")
 
@@ -64,6 +71,9 @@ class Verdict:
     has_manifest: bool = True
     writer: Writer = "jaxckpt"
     incomplete: bool = False
+    arrays: Any = None
+    """Version-2 manifests: ``{leaf path: fingerprint}`` of the state item, to compare
+    with the restored arrays (the files' bytes were not read to produce this verdict)."""
 
     @property
     def ok(self) -> bool:
@@ -125,12 +135,24 @@ def checksum_of(path: epath.Path, algorithm: str = DEFAULT_ALGORITHM) -> int:
     return value
 
 
-def build_manifest(step_dir: epath.Path, step: int,
+def build_manifest(step_dir: epath.Path, step: int, arrays: dict | None = None,
                    algorithm: str = DEFAULT_ALGORITHM) -> dict:
-    """The manifest of a committed step directory (reads every file once)."""
-    files = {rel: {"size": size, algorithm: checksum_of(step_dir / rel, algorithm)}
-             for rel, size in sorted(_files(step_dir).items())}
-    return {"format": MANIFEST_FORMAT, "step": step, "algorithm": algorithm, "files": files}
+    """The manifest of a committed step directory.
+
+    With ``arrays`` (the state's fingerprints, :func:`jaxckpt.fingerprint.resolve`),
+    version 2: sizes of every file, checksums of the small ones only, so a save reads
+    back kilobytes, not the state. Without, version 1: every file read and checksummed.
+    """
+    files = {}
+    for rel, size in sorted(_files(step_dir).items()):
+        files[rel] = {"size": size}
+        if arrays is None or size <= SMALL_FILE:
+            files[rel][algorithm] = checksum_of(step_dir / rel, algorithm)
+    manifest = {"format": MANIFEST_FORMAT if arrays is not None else FORMATS[0],
+                "step": step, "algorithm": algorithm, "files": files}
+    if arrays is not None:
+        manifest["arrays"] = {"item": fmt.STATE, "leaves": arrays}
+    return manifest
 
 
 def write_manifest(step_dir: epath.Path, manifest: dict) -> None:
@@ -184,10 +206,10 @@ def _newer_writer(m: Any) -> str | None:
     if not isinstance(m, dict):
         return None
     fmt, algorithm = m.get("format"), m.get("algorithm")
-    if isinstance(fmt, str) and fmt != MANIFEST_FORMAT and \
+    if isinstance(fmt, str) and fmt not in FORMATS and \
             fmt.startswith(MANIFEST_FORMAT.split("/")[0] + "/"):
-        return f"manifest format {fmt!r} (this jaxckpt reads {MANIFEST_FORMAT!r})"
-    if fmt == MANIFEST_FORMAT and isinstance(algorithm, str) and algorithm.isidentifier() \
+        return f"manifest format {fmt!r} (this jaxckpt reads {list(FORMATS)})"
+    if fmt in FORMATS and isinstance(algorithm, str) and algorithm.isidentifier() \
             and algorithm not in _EXTEND:
         return f"checksum {algorithm!r} (this jaxckpt computes {sorted(_EXTEND)})"
     return None
@@ -200,8 +222,9 @@ def _is_int(x: Any) -> bool:
 def _manifest_schema(m: Any, step: int) -> list[str]:
     if not isinstance(m, dict):
         return ["not a JSON object"]
-    if m.get("format") != MANIFEST_FORMAT:
-        return [f"format is {m.get('format')!r}, expected {MANIFEST_FORMAT!r}"]
+    if m.get("format") not in FORMATS:
+        return [f"format is {m.get('format')!r}, expected one of {list(FORMATS)}"]
+    v2 = m["format"] == MANIFEST_FORMAT
     problems = []
     if m.get("step") != step or not _is_int(m.get("step")):
         problems.append(f"step is {m.get('step')!r}, expected {step}")
@@ -217,9 +240,23 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
             problems.append(f"file path {rel!r} is {why}: it would lead outside the "
                             "checkpoint directory")
         elif not (isinstance(entry, dict) and _is_int(entry.get("size")) and entry["size"] >= 0
-                  and _is_int(entry.get(algorithm)) and 0 <= entry[algorithm] < 2 ** 32):
+                  and ((v2 and algorithm not in entry and entry["size"] > SMALL_FILE)
+                       or (_is_int(entry.get(algorithm)) and 0 <= entry[algorithm] < 2 ** 32))):
             problems.append(f"malformed entry for {rel!r}: {entry!r}")
+    if v2:
+        problems += _arrays_schema(m.get("arrays"))
     return problems
+
+
+def _arrays_schema(arrays: Any) -> list[str]:
+    if not (isinstance(arrays, dict) and isinstance(arrays.get("leaves"), dict)):
+        return ["'arrays' must be an object with 'leaves'"]
+    for path, fp in arrays["leaves"].items():
+        if not (isinstance(path, str) and isinstance(fp, dict) and fp and all(
+                k in ("crc32c", "wsum32") and _is_int(v) and 0 <= v < 2 ** 32
+                for k, v in fp.items())):
+            return [f"malformed array fingerprint for {path!r}: {fp!r}"]
+    return []
 
 
 def _inside(step_dir: epath.Path, rel: str) -> bool:
@@ -230,8 +267,17 @@ def _inside(step_dir: epath.Path, rel: str) -> bool:
     return os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep)
 
 
+def committed(step_dir: epath.Path) -> bool:
+    """Whether Orbax finished the step. A local step appears by an atomic rename once
+    complete; on an object store Orbax writes in place and ends with a commit marker."""
+    return not storage.is_remote(step_dir) or (step_dir / fmt.COMMIT_MARKER).exists()
+
+
 def writer_of(step_dir: epath.Path) -> Writer:
-    """Who wrote a step directory, from the files only jaxckpt writes."""
+    """Who wrote a step directory, from the files only jaxckpt writes ("unknown" while an
+    object-store write is in flight: nobody's checkpoint yet)."""
+    if not committed(step_dir):
+        return "unknown"
     if (step_dir / fmt.META).exists() or (step_dir / MANIFEST_FILE).exists():
         return "jaxckpt"
     if (step_dir / fmt.ORBAX_METADATA).exists():
@@ -254,6 +300,10 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
     if not step_dir.exists():
         raise FileNotFoundError(f"{step_dir} no longer exists")
     writer = writer_of(step_dir)
+    if not committed(step_dir):
+        return Verdict(step, (f"{fmt.COMMIT_MARKER}: missing (a write in flight, or one "
+                              "whose writer died)",), has_manifest=False, writer=writer,
+                       incomplete=True)
     if writer != "jaxckpt":
         complete = (step_dir / fmt.ORBAX_METADATA).exists()
         return Verdict(step, () if complete else (f"{fmt.ORBAX_METADATA}: missing",),
@@ -282,7 +332,7 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
             problems.append(f"{rel}: missing")
         elif on_disk[rel] != entry["size"]:
             problems.append(f"{rel}: size {on_disk[rel]} bytes, manifest says {entry['size']}")
-        elif checksums:
+        elif checksums and manifest["algorithm"] in entry:
             algorithm = manifest["algorithm"]
             try:
                 crc = checksum_of(step_dir / rel, algorithm)
@@ -294,7 +344,8 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
             if crc != entry[algorithm]:
                 problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
                                 f"says {entry[algorithm]:#010x})")
-    return Verdict(step, tuple(problems))
+    arrays = manifest.get("arrays", {}).get("leaves") if "arrays" in manifest else None
+    return Verdict(step, tuple(problems), arrays=arrays)
 
 
 # -- the JSON files jaxckpt writes into each step ------------------------------------------

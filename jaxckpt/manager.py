@@ -37,12 +37,13 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import numpy as np
 
+from jaxckpt import fingerprint
 from jaxckpt import format as fmt
 from jaxckpt import integrity, ledger as ledger_lib, orbax_io, storage
 from jaxckpt import target as target_lib
 from jaxckpt.background import Background
 from jaxckpt.catalog import Catalog, Which, check_writable
-from jaxckpt.errors import (CheckpointDirectoryError, CheckpointNotFoundError,
+from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError, CheckpointNotFoundError,
                             CheckpointWriteError, DirectoryLockedError)
 from jaxckpt.ledger import Entry, Ledger
 from jaxckpt.lock import DirectoryLock, describe, read_owner
@@ -278,6 +279,7 @@ class CheckpointManager:
             self._maybe_flush_ledger()
             return False
         saveable = target_lib.to_saveable(state)  # TypeError names a leaf that cannot be saved
+        started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
         if self.policy.monitor and clean is None and not force and not self._warned_no_metrics:
             self._warned_no_metrics = True
             log.warning("save(step=%d) without metrics: a checkpoint saved without %r can be "
@@ -285,7 +287,7 @@ class CheckpointManager:
                         step, self.policy.monitor)
         self._finish_pending()  # Orbax writes one checkpoint at a time
         self._move_corrupt_aside()
-        self._write(step, saveable, clean, epoch, encoded_data, now, value, reason)
+        self._write(step, saveable, clean, epoch, encoded_data, now, value, reason, started)
         self._auto.observe_saved(step)
         return True
 
@@ -361,11 +363,21 @@ class CheckpointManager:
         self._finish_pending()
         while True:
             step = self._catalog.resolve_verified(which, checksums=not path)
+            arrays = self._catalog.verdicts[step].arrays if step in self._catalog.verdicts else None
             try:
                 state = orbax_io.restore_state(self._dir / str(step), target, step=step,
-                                               subtree=path)
+                                               subtree=path, fingerprints=arrays)
                 meta = self._catalog.read_meta(step)
                 data_state = self._read_data_state(step)
+            except orbax_io.ArraysCorrupt as e:
+                self._catalog.set_aside(integrity.Verdict(step, e.problems))
+                if not isinstance(which, str):
+                    raise CheckpointCorruptError(
+                        self._catalog.corrupt_message(self._catalog.corrupt[step])) from None
+                warnings.warn(f"restore({which!r}) found checkpoint {step} in {self._dir} "
+                              f"corrupt ({e}); it is set aside, trying the next one.",
+                              stacklevel=2)
+                continue
             except Exception:
                 if (self._dir / str(step)).exists():
                     raise
@@ -414,6 +426,8 @@ class CheckpointManager:
             verdict = self._catalog.examine(s, checksums=checksums)
             if verdict is None:
                 continue  # deleted by a live writer meanwhile
+            if checksums and verdict.ok and verdict.arrays is not None:
+                verdict = self._verify_arrays(s, verdict)
             problems = list(verdict.problems)
             if verdict.ok and not verdict.has_manifest:
                 unverified.append(s)
@@ -423,6 +437,16 @@ class CheckpointManager:
         if unverified and not strict:
             warnings.warn(self._catalog.unverified_message(unverified), stacklevel=2)
         return out
+
+    def _verify_arrays(self, step: int, verdict: integrity.Verdict) -> integrity.Verdict:
+        """Read the state once and compare it with its saved fingerprints."""
+        try:
+            orbax_io.restore_state(self._dir / str(step), None, step=step,
+                                   fingerprints=verdict.arrays)
+        except orbax_io.ArraysCorrupt as e:
+            verdict = integrity.Verdict(step, e.problems)
+            self._catalog.set_aside(verdict)
+        return verdict
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` now (for ``jaxckpt prune``); its metrics stay in
@@ -449,7 +473,8 @@ class CheckpointManager:
         return self.policy.should_save(value, list(self._catalog.records.values()), due=due,
                                        step=step, time=now, has_metrics=has_metrics)
 
-    def _write(self, step, state, metrics, epoch, data_state, now, value, reason) -> None:
+    def _write(self, step, state, metrics, epoch, data_state, now, value, reason,
+               started) -> None:
         if not self._dir.exists():  # never re-create a directory deleted under the run
             raise CheckpointDirectoryError(
                 f"checkpoint directory {self._dir} was deleted or renamed while this run was "
@@ -480,19 +505,21 @@ class CheckpointManager:
             self._catalog.forget(s)
         log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
                   sorted(kept), stale)
-        self._background.submit(self._commit, step, stale, start, blocked)
+        self._background.submit(self._commit, step, stale, start, blocked, started)
         self._maybe_flush_ledger()
         if not self._async:
             self._finish_pending()
 
-    def _commit(self, step: int, stale: list[int], start: float, blocked: float) -> None:
+    def _commit(self, step: int, stale: list[int], start: float, blocked: float,
+                started: dict) -> None:
         """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
         what it replaced (never before: an older checkpoint outlives a failed newer one)."""
         self._ocp.wait_until_finished()
         self._ocp.check_for_errors()
         if self._primary:
             step_dir = self._dir / str(step)
-            integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step))
+            arrays = fingerprint.resolve(started)
+            integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step, arrays))
             for s in stale:  # plain file operations: no collective, safe on this thread
                 log.debug("deleting step %d: no longer among the kept checkpoints", s)
                 storage.remove_tree(self._dir, s, timeout=self._timeout)
@@ -622,10 +649,13 @@ class CheckpointManager:
         return CheckpointPolicy()
 
     def _finish_incomplete(self) -> None:
-        """Remove half-deleted checkpoints that an older jaxckpt, deleting in place, left
-        behind (never a step some other tool wrote)."""
+        """Remove unfinished steps: half-deleted by an older jaxckpt (deleting in place), or
+        half-uploaded to an object store by a writer that died."""
         for step, verdict in list(self._catalog.incomplete.items()):
-            if verdict.writer == "jaxckpt":
+            # Ours, or an object-store write whose writer died: this run holds the lock,
+            # and Orbax itself deletes unfinished steps when it starts.
+            if verdict.writer in ("jaxckpt", "unknown") and (
+                    verdict.writer == "jaxckpt" or storage.is_remote(self._dir)):
                 log.warning("removing incomplete checkpoint %d in %s (%s)", step, self._dir,
                             verdict.describe())
                 storage.remove_tree(self._dir, step, timeout=self._timeout)

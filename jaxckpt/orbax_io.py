@@ -17,6 +17,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxckpt import fingerprint
 from jaxckpt import format as fmt
 from jaxckpt import target as target_lib
 from jaxckpt.errors import CheckpointNotFoundError, RestoreStructureError
@@ -158,7 +159,7 @@ def as_subtree(subtree: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def restore_state(step_dir: epath.Path, target: Any, *, step: int,
-                  subtree: tuple[str, ...] = ()) -> Any:
+                  subtree: tuple[str, ...] = (), fingerprints: dict | None = None) -> Any:
     """The state of the checkpoint in ``step_dir``, whoever wrote it, into ``target``.
 
     The state is item ``state`` (jaxckpt), ``default`` (a plain Orbax manager) or the
@@ -167,16 +168,20 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
     "opt_state": ...}``), restored with a dict target of those keys; ``subtree``'s first
     key then names an item.
 
+    ``fingerprints`` (a version-2 manifest's) are compared with the arrays just read.
+
     Raises:
       RestoreStructureError: ``subtree`` is not in the checkpoint, or ``target`` does not
         fit it (each names the keys the checkpoint has).
+      ArraysCorrupt: the restored arrays differ from their saved fingerprints.
     """
     if is_bare_pytree(step_dir):
         return _restore_into(step_dir, target, step, subtree)
     items = pytree_items(step_dir)
     main = next((n for n in (fmt.STATE, ORBAX_DEFAULT_ITEM) if n in items), None)
     if main is not None:
-        return _restore_into(step_dir / main, target, step, subtree)
+        return _restore_into(step_dir / main, target, step, subtree,
+                             fingerprints if main == fmt.STATE else None)
     if not items:
         raise CheckpointNotFoundError(
             f"checkpoint {step} in {step_dir.parent} holds no PyTree item (it has "
@@ -198,10 +203,24 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
 
 
 def _restore_into(item_dir: epath.Path, target: Any, step: int,
-                  subtree: tuple[str, ...]) -> Any:
+                  subtree: tuple[str, ...], fingerprints: dict | None = None) -> Any:
     saved = _subtree_of(item_metadata(item_dir), subtree, step)
     plan = target_lib.restore_plan(saved, target, step)
-    return plan.finish(restore_item(item_dir, plan.abstract, subtree))
+    raw = restore_item(item_dir, plan.abstract, subtree)
+    if fingerprints:
+        prefix = "".join(f"{k}/" for k in subtree)
+        problems = fingerprint.mismatches(raw, fingerprints, prefix)
+        if problems:
+            raise ArraysCorrupt(step, tuple(f"{item_dir.name}/{p}" for p in problems))
+    return plan.finish(raw)
+
+
+class ArraysCorrupt(Exception):
+    """Restored arrays differ from the fingerprints saved with them."""
+
+    def __init__(self, step: int, problems: tuple[str, ...]):
+        super().__init__("; ".join(problems))
+        self.step, self.problems = step, problems
 
 
 def _subtree_of(saved: Any, subtree: tuple[str, ...], step: int) -> Any:

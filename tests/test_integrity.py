@@ -69,24 +69,37 @@ def rewrite_manifest(step_dir, step):
 # -- the manifest ----------------------------------------------------------------------------
 
 
-def test_manifest_lists_every_file_with_size_and_crc(saved):
-    d, _ = saved
+def test_manifest_lists_every_file_and_fingerprints_every_array(saved):
+    """Version 2: sizes of every file, checksums of the small ones, and a fingerprint of
+    each array taken at save time, so the save reads back no array data."""
+    d, states = saved
     step_dir = d / "4"
     manifest = json.loads((step_dir / "jaxckpt_manifest.json").read_text())
-    assert manifest["format"] == "jaxckpt-manifest/1" and manifest["step"] == 4
+    assert manifest["format"] == "jaxckpt-manifest/2" and manifest["step"] == 4
     files = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == files - {"jaxckpt_manifest.json"}
     assert {"meta/metadata", "data_state/metadata", "_CHECKPOINT_METADATA"} <= files
     assert manifest["algorithm"] == "crc32c"  # google-crc32c's C extension is installed
     for rel, entry in manifest["files"].items():
         data = (step_dir / rel).read_bytes()
-        assert entry == {"size": len(data), "crc32c": google_crc32c.value(data)}, rel
+        small = len(data) <= integrity.SMALL_FILE
+        assert entry == ({"size": len(data), "crc32c": google_crc32c.value(data)} if small
+                         else {"size": len(data)}), rel
+    leaves = manifest["arrays"]["leaves"]
+    saved_leaves = jax.tree_util.tree_flatten_with_path(
+        jaxckpt.target.to_saveable(states[4]))[0]
+    assert len(leaves) == len(saved_leaves) > 0
+    for path, leaf in saved_leaves:
+        key = jaxckpt.target.path_str(path)
+        assert leaves[key] == {"crc32c": google_crc32c.value(np.asarray(leaf).tobytes())}, key
 
 
 def test_crc32_manifests_of_older_writers_verify_and_catch_flipped_bytes(ckpt):
     d, states = ckpt
     step_dir = d / "4"
-    integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, 4, "crc32"))
+    integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, 4, None, "crc32"))
+    assert json.loads((step_dir / "jaxckpt_manifest.json").read_text())["format"] == \
+        "jaxckpt-manifest/1"
     entry = json.loads((step_dir / "jaxckpt_manifest.json").read_text())["files"]["meta/metadata"]
     assert entry["crc32"] == zlib.crc32((step_dir / "meta/metadata").read_bytes())
     with CheckpointManager(d, read_only=True) as m:
@@ -99,7 +112,7 @@ def test_crc32_manifests_of_older_writers_verify_and_catch_flipped_bytes(ckpt):
 
 @pytest.mark.parametrize("field, value, named", [
     ("algorithm", "xxh3_64", "checksum 'xxh3_64'"),
-    ("format", "jaxckpt-manifest/2", "manifest format 'jaxckpt-manifest/2'")])
+    ("format", "jaxckpt-manifest/3", "manifest format 'jaxckpt-manifest/3'")])
 def test_a_newer_writers_manifest_is_unverified_never_set_aside(ckpt, caplog, field, value,
                                                                 named):
     """Version skew is not corruption: an older reader restores the checkpoint (warning
@@ -136,9 +149,9 @@ def test_manifest_is_computed_in_the_background_after_commit(tmp_path, monkeypat
     seen = []
     original = integrity.build_manifest
 
-    def recording(step_dir, step):
+    def recording(step_dir, step, arrays=None):
         seen.append((threading.current_thread().name, (step_dir / "commit_success.txt").exists()))
-        return original(step_dir, step)
+        return original(step_dir, step, arrays)
 
     monkeypatch.setattr(integrity, "build_manifest", recording)
     with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:

@@ -1,0 +1,151 @@
+"""Array fingerprints: integrity of the array data with no extra pass over the files.
+
+A fingerprint is ``sum((2*i + 1) * w[i]) mod 2**32`` over an array's bytes read as
+little-endian words ``w`` (4-byte words; 1- and 2-byte elements widened to one word each)
+at linear position ``i``. Each weight is odd, hence invertible mod 2**32, so a change to
+any single word always changes the fingerprint; words swapped between positions do too.
+It is a check against damaged files, not against an attacker (neither is a CRC).
+
+It is computed where the bytes already are: on the device, by one jitted reduction
+dispatched when ``save`` is called (microseconds on an accelerator, memory speed on a
+CPU), and on the arrays Orbax has just restored, so a restore reads each file once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["of_tree", "resolve", "mismatches"]
+
+
+
+_CHUNK = 4 << 20
+
+
+@jax.jit
+def _wsum(words: jax.Array) -> jax.Array:
+    """The weighted sum of an integer array's words, by row-major linear position.
+
+    Built from broadcasted iotas rather than a reshape, so a sharded array is reduced
+    where its shards live (partial sums, then one all-reduce).
+    """
+    shape = words.shape
+    linear = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        linear = linear + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(
+            stride % 2**32)
+        stride *= shape[axis]
+    weights = linear * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(words.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+
+
+def _device_words(x: jax.Array) -> jax.Array:
+    size = np.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint8)
+    if size in (1, 2, 4):
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16,
+                                               4: jnp.uint32}[size])
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: a trailing axis of 2
+
+
+@jax.jit
+def _of_device_array(x: jax.Array) -> jax.Array:
+    return _wsum(_device_words(x))
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    size = x.dtype.itemsize
+    if x.dtype == np.bool_:
+        return x.view(np.uint8)
+    if size in (1, 2, 4):
+        return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
+    if size == 8:
+        return x.view(np.uint32).reshape(x.shape + (2,))
+    raise TypeError(f"no fingerprint for dtype {x.dtype}")
+
+
+def _host_bytes(x: Any) -> np.ndarray | None:
+    """The array's bytes as a host view when that costs no device transfer (a CPU array
+    held whole by this process, or numpy), else None."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return np.ascontiguousarray(x)
+    if x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()):
+        return np.ascontiguousarray(np.asarray(x))  # a zero-copy view on one CPU device
+    return None
+
+
+def pending(x: Any) -> Any:
+    """Start fingerprinting one leaf; :func:`finish` turns the result into numbers.
+
+    A host array gets a CRC-32C of its bytes (hardware CRC, ~5 GB/s, run later on the
+    background thread); an accelerator or multi-process array gets the weighted sum,
+    dispatched now on its devices. None for leaves that are not arrays.
+    """
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if not (isinstance(x, jax.Array) or (isinstance(x, (np.ndarray, np.generic))
+                                         and x.dtype.kind in "biufc")):
+        return None
+    host = _host_bytes(x)
+    if host is not None:
+        return ("crc32c", host)
+    return ("wsum32", _of_device_array(x))
+
+
+def finish(started: Any) -> dict[str, int]:
+    algorithm, value = started
+    if algorithm == "crc32c":
+        import google_crc32c
+        raw = memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        crc = 0
+        for start in range(0, len(raw), _CHUNK):  # the C CRC takes bytes: copy in chunks
+            crc = google_crc32c.extend(crc, raw[start:start + _CHUNK].tobytes())
+        return {"crc32c": crc}
+    return {"wsum32": int(np.asarray(value.addressable_data(0)))}
+
+
+def of_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{leaf path: started fingerprint}`` for every array leaf."""
+    from jaxckpt.target import path_str
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for path, leaf in flat:
+        started = pending(leaf)
+        if started is not None:
+            out[prefix + path_str(path)] = started
+    return out
+
+
+def resolve(started: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The finished fingerprints, as stored in a manifest (blocks until computed)."""
+    return {path: finish(s) for path, s in started.items()}
+
+
+def mismatches(tree: Any, expected: dict[str, dict[str, int]], prefix: str = "") -> list[str]:
+    """Leaves of a restored ``tree`` whose data differ from the fingerprints saved with it
+    (each computed the way it was at save time, wherever the array now lives)."""
+    from jaxckpt.target import path_str
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    problems = []
+    for path, leaf in flat:
+        key = prefix + path_str(path)
+        want = expected.get(key)
+        if want is None or pending(leaf) is None:
+            continue
+        if "crc32c" in want:
+            host = _host_bytes(leaf)
+            got = finish(("crc32c", host if host is not None else np.asarray(leaf)))
+        else:
+            got = finish(("wsum32", _of_device_array(leaf) if isinstance(leaf, jax.Array)
+                          else _wsum(_host_words(np.asarray(leaf)))))
+        if got != {k: v for k, v in want.items() if k in got}:
+            problems.append(f"{key}: array data does not match the fingerprint saved with it "
+                            f"({got}, manifest says {want})")
+    return problems
