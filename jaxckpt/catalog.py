@@ -13,11 +13,15 @@ Owned by the calling thread: the background thread never reads or changes a cata
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import time
 import json
 import logging
 import warnings
 from typing import Any, Callable, Literal
 
+import jax
 from etils import epath
 
 from jaxckpt import format as fmt
@@ -32,6 +36,7 @@ __all__ = ["Catalog", "Which", "writers", "check_writable"]
 log = logging.getLogger("jaxckpt")
 
 Which = Literal["latest", "best"] | int
+_BARRIERS = itertools.count()  # every process makes the same calls: the same names
 
 
 @dataclasses.dataclass
@@ -151,6 +156,43 @@ class Catalog:
         return Record(step, self.policy.stored_value(metrics), time=meta.get("time"),
                       has_metrics=metrics is not None,
                       improved=meta.get("improved") if same_objective else None)
+
+    def read_data_state(self, step: int) -> Any:
+        """The data iterator state saved with ``step`` (None when none was)."""
+        path = self.directory / str(step) / fmt.DATA_STATE / "metadata"
+        try:
+            stored = json.loads(storage.read_text(path, timeout=self.timeout))
+        except FileNotFoundError:
+            return None
+        return fmt.decode_data_state(stored)  # schema-checked when the step was verified
+
+    def move_corrupt_aside(self, *, primary: bool) -> None:
+        """Move set-aside checkpoints to ``DIR/jaxckpt-corrupt/`` (kept for inspection), so
+        that a run resumed from an older checkpoint can save its steps again."""
+        if not self.corrupt:
+            return
+        aside = self.directory / fmt.CORRUPT_DIR
+        if primary:
+            if not storage.inside(self.directory, aside):
+                warnings.warn(f"{aside} leads outside {self.directory} (a symlink): corrupt "
+                              f"checkpoints {sorted(self.corrupt)} stay where they "
+                              "are. Replace the link with a directory.", stacklevel=4)
+                return
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step, verdict in sorted(self.corrupt.items()):
+                dest = aside / f"{step}-{stamp}-{os.urandom(3).hex()}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    storage.move_tree(self.directory / str(step), dest, timeout=self.timeout)
+                except FileNotFoundError:
+                    continue
+                warnings.warn(f"moved corrupt checkpoint {step} ({verdict.describe()}) to "
+                              f"{dest}; it is not deleted: inspect it, then delete it.",
+                              stacklevel=4)
+        if jax.process_count() > 1:
+            import orbax.checkpoint as ocp
+            ocp.multihost.sync_global_processes(f"jaxckpt_move_corrupt_{next(_BARRIERS)}")
+        self.corrupt.clear()
 
     # -- latest and best -------------------------------------------------------------------
 

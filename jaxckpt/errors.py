@@ -32,3 +32,10 @@ class CheckpointCorruptError(ValueError):
 
 class DirectoryLockedError(RuntimeError):
     """Another live run is writing to the same checkpoint directory."""
+
+
+def write_error(what: str, e: BaseException, intact: list[int]) -> CheckpointWriteError:
+    hint = (" Fix the cause (disk space, permissions) and save again." if isinstance(e, OSError)
+            else " Save again; if it keeps failing, report it with this message.")
+    return CheckpointWriteError(f"{what} failed: {e!r}. Every earlier checkpoint is intact "
+                                f"({intact}).{hint}")

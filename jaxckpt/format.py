@@ -28,6 +28,8 @@ import base64
 import binascii
 import math
 import uuid
+
+import numpy as np
 from typing import Any, Mapping
 
 __all__ = ["HISTORY_FILE", "LOCK_FILE", "CORRUPT_DIR", "MANIFEST_FILE", "STATE", "META",
@@ -222,3 +224,40 @@ def validate_history(data: Any) -> list[str]:
         if data.get(key) is not None and not _is_number(data[key]):
             problems.append(f"{key!r} must be a number or null")
     return problems
+
+
+# -- save() arguments ---------------------------------------------------------------------
+
+
+def as_int(name: str, value: Any, *, optional: bool = False) -> int | None:
+    """An int from ints and numpy ints; floats (numpy too), bools and strings refused."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if hasattr(value, "dtype") and np.shape(value) == () and \
+                np.issubdtype(value.dtype, np.integer):  # a 0-d numpy or JAX integer array
+            value = int(value)
+        else:
+            raise TypeError(f"{name} must be an int (numpy ints too), got {value!r} of type "
+                            f"{type(value).__name__}." + (" Pass int(...) of it." if isinstance(
+                                value, (float, np.floating)) and float(value).is_integer() else ""))
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return value
+
+
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name to scalar, got {type(metrics)}.")
+    clean = {}
+    for name, value in metrics.items():
+        try:
+            if np.ndim(value) != 0 or isinstance(value, (str, bytes)):
+                raise TypeError
+            clean[str(name)] = float(np.asarray(value))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metric {name!r} must be a scalar number, got {value!r}.") from e
+    return clean

@@ -25,37 +25,31 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import itertools
+import logging
 import math
 import os
-import logging
 import time
 import warnings
 import weakref
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import numpy as np
 
-from jaxckpt import fingerprint
+from jaxckpt import fingerprint, integrity, opening, orbax_io, storage
 from jaxckpt import format as fmt
-from jaxckpt import integrity, ledger as ledger_lib, orbax_io, storage
+from jaxckpt import ledger as ledger_lib
 from jaxckpt import target as target_lib
-from jaxckpt.background import Background
 from jaxckpt.catalog import Catalog, Which, check_writable
-from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError, CheckpointNotFoundError,
-                            CheckpointWriteError, DirectoryLockedError)
-from jaxckpt.ledger import Entry, Ledger
-from jaxckpt.lock import DirectoryLock, describe, read_owner
+from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.ledger import Entry
 from jaxckpt.policy import CheckpointPolicy, Record
 from jaxckpt.schedule import AutoInterval
+from jaxckpt.writer import Writer
 
 __all__ = ["CheckpointManager", "Checkpoint", "HISTORY_FILE"]
 
 log = logging.getLogger("jaxckpt")
 HISTORY_FILE = fmt.HISTORY_FILE
-LEDGER_FLUSH_S = 10.0
-"""How often a run that saves rarely rewrites ``jaxckpt.json`` (and at wait/close)."""
 
 
 class Checkpoint(NamedTuple):
@@ -121,28 +115,29 @@ class CheckpointManager:
         stored = ledger_lib.read_file(self._dir, timeout=self._timeout)
         # The lock comes first: Orbax's start-up deletes temporary directories, which are
         # another live writer's in-flight checkpoints until the lock says it is gone.
-        self._dirlock = None if read_only else _lock_directory(self._dir)
+        self._dirlock = None if read_only else opening.lock_directory(self._dir)
         try:
             if self._primary and not read_only:
                 storage.finish_deletions(self._dir)
             self._catalog = Catalog(self._dir, policy or CheckpointPolicy(), self._timeout)
             self._catalog.scan(warn=self._warn_corrupt)
             if self._primary and not read_only:
-                self._finish_incomplete()
-            self.policy = policy or self._stored_policy(stored)
+                opening.finish_incomplete(self._catalog)
+            self.policy = policy or opening.stored_policy(self._catalog, stored, read_only=read_only)
             self._catalog.revalue(self.policy)
-            self._ledger = self._load_ledger(stored)
+            self._ledger = opening.load_ledger(self._catalog, stored)
             self._auto = AutoInterval(self.policy, save_cost_s=(stored or {}).get("save_cost_s"),
                                       every=(stored or {}).get("auto_every"))
-            self._last_save_time = (stored or {}).get("last_save_time")
-            self._ocp = None if read_only else self._new_orbax()
+            self._writer = None if read_only else Writer(
+                self._dir, policy=self.policy, catalog=self._catalog, ledger=self._ledger,
+                auto=self._auto, async_save=async_save, primary=self._primary,
+                timeout=self._timeout, last_save_time=(stored or {}).get("last_save_time"),
+                warn_corrupt=self._warn_corrupt)
         except BaseException:
             if self._dirlock is not None:
                 self._dirlock.release()
             raise
         self._start_time = clock()
-        self._last_flush = time.monotonic()
-        self._background = Background()
         self._warned_no_metrics = False
         self._closed = False
         _open_managers.add(self)
@@ -196,7 +191,7 @@ class CheckpointManager:
 
     def metrics(self, step: int) -> dict[str, float] | None:
         """The metrics saved with checkpoint ``step``."""
-        return self._catalog.read_meta(self._catalog.resolve(_as_int("step", step))).get("metrics")
+        return self._catalog.read_meta(self._catalog.resolve(fmt.as_int("step", step))).get("metrics")
 
     def records(self, policy: CheckpointPolicy | None = None) -> list[Record]:
         """What the policy knows of each usable checkpoint (valued by ``policy``)."""
@@ -216,19 +211,19 @@ class CheckpointManager:
         self._finish_pending()
         self._catalog.scan(warn=self._warn_corrupt)
         stored = ledger_lib.read_file(self._dir, timeout=self._timeout)
-        self._ledger = self._load_ledger(stored)
+        self._ledger = opening.load_ledger(self._catalog, stored)
 
     # -- saving ------------------------------------------------------------------------------
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
         """Whether the schedule asks for a save at ``step`` (ask before computing metrics)."""
-        last = self._last_save_time if self._last_save_time else self._start_time
-        return self.policy.is_due(_as_int("step", step), epoch=epoch, now=self._clock(),
+        last = (self._writer and self._writer.last_save_time) or self._start_time
+        return self.policy.is_due(fmt.as_int("step", step), epoch=epoch, now=self._clock(),
                                   last_save_time=last) or self._auto.due(step, self.latest_step())
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption signal reached this job (every process agrees), as Orbax's."""
-        return bool(self._ocp.reached_preemption(step)) if self._ocp is not None else False
+        return bool(self._writer.ocp.reached_preemption(step)) if self._writer else False
 
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None,
              data_state: Any = None, *, epoch: int | None = None, force: bool = False) -> bool:
@@ -254,12 +249,12 @@ class CheckpointManager:
           DirectoryLockedError: another run took this directory's lock over.
         """
         self._check_open(write=True)
-        step, epoch = _as_int("step", step), _as_int("epoch", epoch, optional=True)
-        clean = _clean_metrics(metrics)
+        step, epoch = fmt.as_int("step", step), fmt.as_int("epoch", epoch, optional=True)
+        clean = fmt.clean_metrics(metrics)
         value = self.policy.monitored_value(clean)
         encoded_data = fmt.encode_data_state(data_state) if data_state is not None else None
         self._check_lock()
-        self._raise_finished()
+        self._writer.raise_finished()
         latest = self.latest_step()
         if latest is not None and step <= latest:
             raise ValueError(
@@ -276,7 +271,7 @@ class CheckpointManager:
         reason = "forced" if force else self._decide(step, epoch, now, value, has_metrics)
         self._ledger.record(Entry(step, clean, epoch, now, reason is not None))
         if reason is None:
-            self._maybe_flush_ledger()
+            self._writer.maybe_flush_ledger()
             return False
         saveable = target_lib.to_saveable(state)  # TypeError names a leaf that cannot be saved
         started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
@@ -285,16 +280,18 @@ class CheckpointManager:
             log.warning("save(step=%d) without metrics: a checkpoint saved without %r can be "
                         "kept as latest, never best (reported once per manager).",
                         step, self.policy.monitor)
-        self._finish_pending()  # Orbax writes one checkpoint at a time
-        self._move_corrupt_aside()
-        self._write(step, saveable, clean, epoch, encoded_data, now, value, reason, started)
+        self._writer.finish_pending()  # Orbax writes one checkpoint at a time
+        self._writer.move_corrupt_aside()
+        self._writer.write(step, saveable, clean, epoch, encoded_data, now, value, reason,
+                           started)
         self._auto.observe_saved(step)
         return True
 
     def wait(self) -> None:
         """Block until every background write has committed (and raise if one failed)."""
         self._check_open()
-        self._flush_ledger()
+        if self._writer is not None:
+            self._writer.flush_ledger()
         self._finish_pending()
         self._check_lock()
 
@@ -308,10 +305,9 @@ class CheckpointManager:
         finally:
             self._closed = True
             _open_managers.discard(self)
-            self._background.shutdown(wait=True)
             try:
-                if self._ocp is not None:
-                    self._ocp.close()
+                if self._writer is not None:
+                    self._writer.close()
             finally:
                 if self._dirlock is not None:
                     self._dirlock.release()
@@ -368,7 +364,7 @@ class CheckpointManager:
                 state = orbax_io.restore_state(self._dir / str(step), target, step=step,
                                                subtree=path, fingerprints=arrays)
                 meta = self._catalog.read_meta(step)
-                data_state = self._read_data_state(step)
+                data_state = self._catalog.read_data_state(step)
             except orbax_io.ArraysCorrupt as e:
                 self._catalog.set_aside(integrity.Verdict(step, e.problems))
                 if not isinstance(which, str):
@@ -394,7 +390,7 @@ class CheckpointManager:
         """The data iterator state saved with checkpoint ``which`` (None if none was)."""
         self._check_open()
         self._finish_pending()
-        return self._read_data_state(self._catalog.resolve_verified(which))
+        return self._catalog.read_data_state(self._catalog.resolve_verified(which))
 
     def verify(self, step: int | None = None, *, checksums: bool = True,
                strict: bool = False) -> dict[int, list[str]]:
@@ -416,7 +412,7 @@ class CheckpointManager:
         self._check_open()
         self._finish_pending()
         everything = sorted(set(self._catalog.records) | set(self._catalog.corrupt))
-        steps = everything if step is None else [_as_int("step", step)]
+        steps = everything if step is None else [fmt.as_int("step", step)]
         if step is not None and steps[0] not in everything:
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {steps[0]} in {self._dir}; available steps: "
@@ -457,7 +453,7 @@ class CheckpointManager:
         """
         self._check_open(write=True)
         self._finish_pending()
-        step = self._catalog.resolve(_as_int("step", step))
+        step = self._catalog.resolve(fmt.as_int("step", step))
         log.debug("deleting step %d: delete() was called", step)
         if self._primary:
             storage.remove_tree(self._dir, step, timeout=self._timeout)
@@ -467,218 +463,15 @@ class CheckpointManager:
 
     def _decide(self, step: int, epoch: int | None, now: float, value: float | None,
                 has_metrics: bool) -> Any:
-        last = self._last_save_time if self._last_save_time else self._start_time
+        last = self._writer.last_save_time or self._start_time
         due = self.policy.is_due(step, epoch=epoch, now=now, last_save_time=last)
         due = due or self._auto.due(step, self.latest_step())
         return self.policy.should_save(value, list(self._catalog.records.values()), due=due,
                                        step=step, time=now, has_metrics=has_metrics)
 
-    def _write(self, step, state, metrics, epoch, data_state, now, value, reason,
-               started) -> None:
-        if not self._dir.exists():  # never re-create a directory deleted under the run
-            raise CheckpointDirectoryError(
-                f"checkpoint directory {self._dir} was deleted or renamed while this run was "
-                "writing to it; nothing was re-created. Restore it, or save into a new "
-                "directory with a new CheckpointManager.")
-        previous = self.latest_step()
-        records = list(self._catalog.records.values())
-        improved = self.policy.improves(value, records) if self.policy.monitor else None
-        meta = fmt.encode_meta(step=step, epoch=epoch, metrics=metrics, time=now,
-                               reason=str(reason), policy=self.policy.to_json(),
-                               improved=improved, ledger=self._ledger.segment(previous, step))
-        start = time.perf_counter()
-        try:
-            orbax_io.save(self._ocp, step, state, meta, data_state,
-                          {self.policy.monitor: value} if value is not None else None)
-        except Exception as e:
-            self._ledger.mark_unsaved([step])
-            self._reset_orbax(e)
-            raise _write_error(f"saving step {step} to {self._dir}", e,
-                               self._catalog.steps()) from e
-        blocked = time.perf_counter() - start
-        self._catalog.add(step, Record(step, value, time=now, has_metrics=metrics is not None,
-                                       improved=improved))
-        self._last_save_time = now
-        kept = self.policy.kept(list(self._catalog.records.values()))
-        stale = sorted(set(self._catalog.records) - set(kept))
-        for s in stale:
-            self._catalog.forget(s)
-        log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
-                  sorted(kept), stale)
-        self._background.submit(self._commit, step, stale, start, blocked, started)
-        self._maybe_flush_ledger()
-        if not self._async:
-            self._finish_pending()
-
-    def _commit(self, step: int, stale: list[int], start: float, blocked: float,
-                started: dict) -> None:
-        """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
-        what it replaced (never before: an older checkpoint outlives a failed newer one)."""
-        self._ocp.wait_until_finished()
-        self._ocp.check_for_errors()
-        if self._primary:
-            step_dir = self._dir / str(step)
-            arrays = fingerprint.resolve(started)
-            integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step, arrays))
-            for s in stale:  # plain file operations: no collective, safe on this thread
-                log.debug("deleting step %d: no longer among the kept checkpoints", s)
-                storage.remove_tree(self._dir, s, timeout=self._timeout)
-        self._auto.observe_save(blocked, time.perf_counter() - start)
-
-    def _maybe_flush_ledger(self) -> None:
-        if self._ledger.dirty and time.monotonic() - self._last_flush > LEDGER_FLUSH_S:
-            self._flush_ledger()
-
-    def _flush_ledger(self) -> None:
-        """Queue a snapshot of the ledger (taken here, written in the background)."""
-        if self._read_only or not self._primary or not self._ledger.dirty:
-            return
-        snapshot = ledger_lib.snapshot(
-            self._ledger, policy=self.policy.to_json(), last_save_time=self._last_save_time,
-            auto_every=self._auto.every, save_cost_s=self._auto.save_cost_s)
-        self._ledger.dirty = False
-        self._last_flush = time.monotonic()
-        self._background.submit(ledger_lib.write_file, self._dir, snapshot, self._timeout)
-
-    def _raise_finished(self) -> None:
-        try:
-            self._background.raise_finished()
-        except Exception as e:
-            self._after_background_failure(e)
-
     def _finish_pending(self) -> None:
-        try:
-            self._background.drain(timeout=self._timeout)
-        except Exception as e:
-            self._after_background_failure(e)
-
-    def _after_background_failure(self, e: Exception) -> None:
-        """See what survived on disk, record what was lost, and raise."""
-        if isinstance(e, TimeoutError) and self._background.pending:
-            raise CheckpointWriteError(
-                f"background work in {self._dir} did not finish within {self._timeout:.0f} s "
-                f"(a stalled store?): {e}. Earlier checkpoints are intact.") from e
-        for other in self._background.settle(timeout=self._timeout):
-            log.error("also failed in the background in %s: %r", self._dir, other)
-        self._reset_orbax(e)
-        self._ledger.dirty = True  # a snapshot may have been lost with the failure
-        before = set(self._catalog.records)
-        self._catalog.scan(warn=self._warn_corrupt)
-        lost = sorted(before - set(self._catalog.records))
-        self._ledger.mark_unsaved(lost)
-        what = (f"background write of step(s) {lost} to {self._dir}" if lost else
-                f"background work after a committed checkpoint in {self._dir} (its manifest, "
-                "deletions or the history file)")
-        raise _write_error(what, e, self._catalog.steps()) from e
-
-    def _new_orbax(self):
-        return orbax_io.new_manager(self._dir, async_save=self._async,
-                                    read_only=self._read_only, policy=self.policy)
-
-    def _reset_orbax(self, reported: BaseException) -> None:
-        """After a failed save, continue with a fresh Orbax manager (Orbax re-raises a
-        failed save's error at later calls; a new one starts clean and deletes the failed
-        save's temporary directory)."""
-        if self._ocp is not None:
-            orbax_io.close_quietly(self._ocp, reported)
-            self._ocp = self._new_orbax()
-
-    def _move_corrupt_aside(self) -> None:
-        """Move set-aside checkpoints to ``DIR/jaxckpt-corrupt/`` (kept for inspection), so
-        that a run resumed from an older checkpoint can save its steps again."""
-        if not self._catalog.corrupt:
-            return
-        aside = self._dir / fmt.CORRUPT_DIR
-        if self._primary:
-            if not storage.inside(self._dir, aside):
-                warnings.warn(f"{aside} leads outside {self._dir} (a symlink): corrupt "
-                              f"checkpoints {sorted(self._catalog.corrupt)} stay where they "
-                              "are. Replace the link with a directory.", stacklevel=4)
-                return
-            stamp = time.strftime("%Y%m%dT%H%M%S")
-            for step, verdict in sorted(self._catalog.corrupt.items()):
-                dest = aside / f"{step}-{stamp}-{os.urandom(3).hex()}"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    storage.move_tree(self._dir / str(step), dest, timeout=self._timeout)
-                except FileNotFoundError:
-                    continue
-                warnings.warn(f"moved corrupt checkpoint {step} ({verdict.describe()}) to "
-                              f"{dest}; it is not deleted: inspect it, then delete it.",
-                              stacklevel=4)
-        if jax.process_count() > 1:
-            import orbax.checkpoint as ocp
-            ocp.multihost.sync_global_processes(f"jaxckpt_move_corrupt_{next(_BARRIERS)}")
-        self._catalog.corrupt.clear()
-        self._ocp.reload()  # Orbax refuses to save a step it still lists
-
-    # -- internals: reading ------------------------------------------------------------------------
-
-    def _read_data_state(self, step: int) -> Any:
-        path = self._dir / str(step) / fmt.DATA_STATE / "metadata"
-        try:
-            import json
-            stored = json.loads(storage.read_text(path, timeout=self._timeout))
-        except FileNotFoundError:
-            return None
-        return fmt.decode_data_state(stored)  # schema-checked when the step was verified
-
-    # -- internals: opening ------------------------------------------------------------------------
-
-    def _stored_policy(self, stored: dict | None) -> CheckpointPolicy:
-        """The policy the directory was written with: ``jaxckpt.json``, else the newest
-        checkpoint's own record. A directory with checkpoints never gets a default."""
-        candidates = [stored.get("policy")] if stored else []
-        for step in sorted(self._catalog.records, reverse=True):
-            try:
-                candidates.append(self._catalog.read_meta(step).get("policy"))
-            except FileNotFoundError:  # deleted by a live writer meanwhile
-                continue
-        for data in candidates:
-            if isinstance(data, dict):
-                try:
-                    return CheckpointPolicy.from_json(data)
-                except (TypeError, ValueError) as e:
-                    log.warning("stored policy %r is not usable here (%s)", data, e)
-        mine = [s for s, v in self._catalog.verdicts.items() if v.writer == "jaxckpt"]
-        if mine and not self._read_only:
-            raise CheckpointDirectoryError(
-                f"{self._dir} holds checkpoints {sorted(mine)} but no readable policy: "
-                "a default one could delete the best checkpoint. Pass policy=... (the "
-                "policy the run was started with).")
-        return CheckpointPolicy()
-
-    def _finish_incomplete(self) -> None:
-        """Remove unfinished steps: half-deleted by an older jaxckpt (deleting in place), or
-        half-uploaded to an object store by a writer that died."""
-        for step, verdict in list(self._catalog.incomplete.items()):
-            # Ours, or an object-store write whose writer died: this run holds the lock,
-            # and Orbax itself deletes unfinished steps when it starts.
-            if verdict.writer in ("jaxckpt", "unknown") and (
-                    verdict.writer == "jaxckpt" or storage.is_remote(self._dir)):
-                log.warning("removing incomplete checkpoint %d in %s (%s)", step, self._dir,
-                            verdict.describe())
-                storage.remove_tree(self._dir, step, timeout=self._timeout)
-                self._catalog.forget(step)
-
-    def _load_ledger(self, stored: dict | None) -> Ledger:
-        entries = [Entry.from_json(e) for e in stored["history"]] if stored else []
-        book = Ledger(entries)
-        # Each checkpoint carries the entries since the previous one: what a lost, damaged
-        # or not yet rewritten jaxckpt.json lacks comes back from there.
-        for step in self._catalog.steps():
-            try:
-                meta = self._catalog.read_meta(step)
-            except FileNotFoundError:  # deleted by a live writer meanwhile
-                self._catalog.forget(step)
-                continue
-            segment = [Entry.from_json(e) for e in meta.get("ledger") or []]
-            if not any(e.step == step for e in segment):
-                segment.append(Entry(step, meta.get("metrics"), meta.get("epoch"),
-                                     float(meta.get("time") or 0.0), True))
-            book.merge(segment)
-        book.dirty = stored is None and len(book) > 0
-        return book
+        if self._writer is not None:
+            self._writer.finish_pending()
 
     def _check_open(self, write: bool = False) -> None:
         if self._closed:
@@ -698,74 +491,6 @@ class CheckpointManager:
                       stacklevel=5)
 
 
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _lock_directory(directory) -> DirectoryLock | None:
-    """Process 0 takes the lock; every process of the job learns whether it did."""
-    lock, error = None, None
-    if jax.process_index() == 0:
-        lock = DirectoryLock(directory)
-        try:
-            lock.acquire()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
-            lock, error = None, e
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-        if not ok and error is None:
-            owner = read_owner(directory)
-            error = DirectoryLockedError(
-                f"process 0 could not lock {directory}"
-                + (f": it is held by {describe(owner)}" if owner else "")
-                + ". See process 0's error for the cause and the fix.")
-    if error is not None:
-        raise error
-    return lock
-
-
-def _as_int(name: str, value: Any, *, optional: bool = False) -> int | None:
-    """An int from ints and numpy ints; floats (numpy too), bools and strings refused."""
-    if value is None and optional:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and \
-                np.issubdtype(value.dtype, np.integer):
-            value = int(value)
-        else:
-            raise TypeError(f"{name} must be an int (numpy ints too), got {value!r} of type "
-                            f"{type(value).__name__}." + (" Pass int(...) of it." if isinstance(
-                                value, (float, np.floating)) and float(value).is_integer() else ""))
-    value = int(value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}.")
-    return value
-
-
-def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
-    if metrics is None:
-        return None
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping of name to scalar, got {type(metrics)}.")
-    clean = {}
-    for name, value in metrics.items():
-        try:
-            if np.ndim(value) != 0 or isinstance(value, (str, bytes)):
-                raise TypeError
-            clean[str(name)] = float(np.asarray(value))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"metric {name!r} must be a scalar number, got {value!r}.") from e
-    return clean
-
-
-def _write_error(what: str, e: BaseException, intact: list[int]) -> CheckpointWriteError:
-    hint = (" Fix the cause (disk space, permissions) and save again." if isinstance(e, OSError)
-            else " Save again; if it keeps failing, report it with this message.")
-    return CheckpointWriteError(f"{what} failed: {e!r}. Every earlier checkpoint is intact "
-                                f"({intact}).{hint}")
-
-
-_BARRIERS = itertools.count()  # every process makes the same calls: the same names
 _open_managers: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
 
 

@@ -1,0 +1,108 @@
+"""Opening a checkpoint directory: what a manager learns before its first save.
+
+The lock (one writer per directory, one per multi-process job), the policy the directory
+was written with, the ledger rebuilt from what the checkpoints carry, and unfinished
+steps that a killed writer left. Each a function of the catalog and the stored file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+from etils import epath
+
+from jaxckpt import storage
+from jaxckpt.catalog import Catalog
+from jaxckpt.errors import CheckpointDirectoryError, DirectoryLockedError
+from jaxckpt.ledger import Entry, Ledger
+from jaxckpt.lock import DirectoryLock, describe, read_owner
+from jaxckpt.policy import CheckpointPolicy
+
+__all__ = ["lock_directory", "stored_policy", "finish_incomplete", "load_ledger"]
+
+log = logging.getLogger("jaxckpt")
+
+
+def lock_directory(directory: epath.Path) -> DirectoryLock | None:
+    """Process 0 takes the lock; every process of the job learns whether it did."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        lock = DirectoryLock(directory)
+        try:
+            lock.acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            lock, error = None, e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            owner = read_owner(directory)
+            error = DirectoryLockedError(
+                f"process 0 could not lock {directory}"
+                + (f": it is held by {describe(owner)}" if owner else "")
+                + ". See process 0's error for the cause and the fix.")
+    if error is not None:
+        raise error
+    return lock
+
+
+def stored_policy(catalog: Catalog, stored: dict | None, *, read_only: bool
+                  ) -> CheckpointPolicy:
+    """The policy the directory was written with: ``jaxckpt.json``, else the newest
+    checkpoint's own record. A directory with checkpoints never gets a default."""
+    candidates = [stored.get("policy")] if stored else []
+    for step in sorted(catalog.records, reverse=True):
+        try:
+            candidates.append(catalog.read_meta(step).get("policy"))
+        except FileNotFoundError:  # deleted by a live writer meanwhile
+            continue
+    for data in candidates:
+        if isinstance(data, dict):
+            try:
+                return CheckpointPolicy.from_json(data)
+            except (TypeError, ValueError) as e:
+                log.warning("stored policy %r is not usable here (%s)", data, e)
+    mine = [s for s, v in catalog.verdicts.items() if v.writer == "jaxckpt"]
+    if mine and not read_only:
+        raise CheckpointDirectoryError(
+            f"{catalog.directory} holds checkpoints {sorted(mine)} but no readable policy: "
+            "a default one could delete the best checkpoint. Pass policy=... (the "
+            "policy the run was started with).")
+    return CheckpointPolicy()
+
+
+def finish_incomplete(catalog: Catalog) -> None:
+    """Remove unfinished steps: half-deleted by an older jaxckpt (deleting in place), or
+    half-uploaded to an object store by a writer that died."""
+    for step, verdict in list(catalog.incomplete.items()):
+        # Ours, or an object-store write whose writer died: this run holds the lock,
+        # and Orbax itself deletes unfinished steps when it starts.
+        if verdict.writer in ("jaxckpt", "unknown") and (
+                verdict.writer == "jaxckpt" or storage.is_remote(catalog.directory)):
+            log.warning("removing incomplete checkpoint %d in %s (%s)", step, catalog.directory,
+                        verdict.describe())
+            storage.remove_tree(catalog.directory, step, timeout=catalog.timeout)
+            catalog.forget(step)
+
+
+def load_ledger(catalog: Catalog, stored: dict | None) -> Ledger:
+    """The ledger from ``jaxckpt.json`` and the segments the checkpoints carry."""
+    entries = [Entry.from_json(e) for e in stored["history"]] if stored else []
+    book = Ledger(entries)
+    # Each checkpoint carries the entries since the previous one: what a lost, damaged
+    # or not yet rewritten jaxckpt.json lacks comes back from there.
+    for step in catalog.steps():
+        try:
+            meta = catalog.read_meta(step)
+        except FileNotFoundError:  # deleted by a live writer meanwhile
+            catalog.forget(step)
+            continue
+        segment = [Entry.from_json(e) for e in meta.get("ledger") or []]
+        if not any(e.step == step for e in segment):
+            segment.append(Entry(step, meta.get("metrics"), meta.get("epoch"),
+                                 float(meta.get("time") or 0.0), True))
+        book.merge(segment)
+    book.dirty = stored is None and len(book) > 0
+    return book

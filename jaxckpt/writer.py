@@ -1,0 +1,168 @@
+"""The write path of a writing manager: Orbax's async save, the background commit, the
+ledger snapshots, and what happens when background work fails.
+
+The calling thread decides (what to write, what the write replaces) and hands the rest to
+one FIFO background thread: wait for Orbax's commit, write the manifest with the array
+fingerprints taken at save time, delete the replaced steps, write ledger snapshots. A
+failure there is raised at the next call, after the catalog has been re-read from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from etils import epath
+
+from jaxckpt import fingerprint, integrity, orbax_io, storage
+from jaxckpt import format as fmt
+from jaxckpt import ledger as ledger_lib
+from jaxckpt.background import Background
+from jaxckpt.catalog import Catalog
+from jaxckpt.errors import CheckpointDirectoryError, CheckpointWriteError, write_error
+from jaxckpt.ledger import Ledger
+from jaxckpt.policy import CheckpointPolicy, Record
+from jaxckpt.schedule import AutoInterval
+
+__all__ = ["Writer", "LEDGER_FLUSH_S"]
+
+log = logging.getLogger("jaxckpt")
+LEDGER_FLUSH_S = 10.0
+"""How often a run that saves rarely rewrites ``jaxckpt.json`` (and at wait/close)."""
+
+
+class Writer:
+    """Owned by the calling thread, except :meth:`_commit`, which runs on the background
+    thread and touches only Orbax, the files and ``auto.observe_save``."""
+
+    def __init__(self, directory: epath.Path, *, policy: CheckpointPolicy, catalog: Catalog,
+                 ledger: Ledger, auto: AutoInterval, async_save: bool, primary: bool,
+                 timeout: float | None, last_save_time: float | None,
+                 warn_corrupt: Callable[[str], None]):
+        self.directory, self.policy, self.catalog = directory, policy, catalog
+        self.ledger, self.auto, self.async_save = ledger, auto, async_save
+        self.primary, self.timeout, self.warn_corrupt = primary, timeout, warn_corrupt
+        self.last_save_time = last_save_time
+        self.ocp = self._new_orbax()
+        self.background = Background()
+        self._last_flush = time.monotonic()
+
+    def move_corrupt_aside(self) -> None:
+        """Move set-aside checkpoints out of the way, so a resumed run can save their steps."""
+        if self.catalog.corrupt:
+            self.catalog.move_corrupt_aside(primary=self.primary)
+            self.ocp.reload()  # Orbax refuses to save a step it still lists
+
+    def close(self) -> None:
+        self.background.shutdown(wait=True)
+        self.ocp.close()
+
+    def write(self, step, state, metrics, epoch, data_state, now, value, reason,
+               started) -> None:
+        if not self.directory.exists():  # never re-create a directory deleted under the run
+            raise CheckpointDirectoryError(
+                f"checkpoint directory {self.directory} was deleted or renamed while this run was "
+                "writing to it; nothing was re-created. Restore it, or save into a new "
+                "directory with a new CheckpointManager.")
+        previous = self.catalog.latest()
+        records = list(self.catalog.records.values())
+        improved = self.policy.improves(value, records) if self.policy.monitor else None
+        meta = fmt.encode_meta(step=step, epoch=epoch, metrics=metrics, time=now,
+                               reason=str(reason), policy=self.policy.to_json(),
+                               improved=improved, ledger=self.ledger.segment(previous, step))
+        start = time.perf_counter()
+        try:
+            orbax_io.save(self.ocp, step, state, meta, data_state,
+                          {self.policy.monitor: value} if value is not None else None)
+        except Exception as e:
+            self.ledger.mark_unsaved([step])
+            self.reset_orbax(e)
+            raise write_error(f"saving step {step} to {self.directory}", e,
+                               self.catalog.steps()) from e
+        blocked = time.perf_counter() - start
+        self.catalog.add(step, Record(step, value, time=now, has_metrics=metrics is not None,
+                                       improved=improved))
+        self.last_save_time = now
+        kept = self.policy.kept(list(self.catalog.records.values()))
+        stale = sorted(set(self.catalog.records) - set(kept))
+        for s in stale:
+            self.catalog.forget(s)
+        log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
+                  sorted(kept), stale)
+        self.background.submit(self._commit, step, stale, start, blocked, started)
+        self.maybe_flush_ledger()
+        if not self.async_save:
+            self.finish_pending()
+
+    def _commit(self, step: int, stale: list[int], start: float, blocked: float,
+                started: dict) -> None:
+        """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
+        what it replaced (never before: an older checkpoint outlives a failed newer one)."""
+        self.ocp.wait_until_finished()
+        self.ocp.check_for_errors()
+        if self.primary:
+            step_dir = self.directory / str(step)
+            arrays = fingerprint.resolve(started)
+            integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step, arrays))
+            for s in stale:  # plain file operations: no collective, safe on this thread
+                log.debug("deleting step %d: no longer among the kept checkpoints", s)
+                storage.remove_tree(self.directory, s, timeout=self.timeout)
+        self.auto.observe_save(blocked, time.perf_counter() - start)
+
+    def maybe_flush_ledger(self) -> None:
+        if self.ledger.dirty and time.monotonic() - self._last_flush > LEDGER_FLUSH_S:
+            self.flush_ledger()
+
+    def flush_ledger(self) -> None:
+        """Queue a snapshot of the ledger (taken here, written in the background)."""
+        if not self.primary or not self.ledger.dirty:
+            return
+        snapshot = ledger_lib.snapshot(
+            self.ledger, policy=self.policy.to_json(), last_save_time=self.last_save_time,
+            auto_every=self.auto.every, save_cost_s=self.auto.save_cost_s)
+        self.ledger.dirty = False
+        self._last_flush = time.monotonic()
+        self.background.submit(ledger_lib.write_file, self.directory, snapshot, self.timeout)
+
+    def raise_finished(self) -> None:
+        try:
+            self.background.raise_finished()
+        except Exception as e:
+            self._after_failure(e)
+
+    def finish_pending(self) -> None:
+        try:
+            self.background.drain(timeout=self.timeout)
+        except Exception as e:
+            self._after_failure(e)
+
+    def _after_failure(self, e: Exception) -> None:
+        """See what survived on disk, record what was lost, and raise."""
+        if isinstance(e, TimeoutError) and self.background.pending:
+            raise CheckpointWriteError(
+                f"background work in {self.directory} did not finish within {self.timeout:.0f} s "
+                f"(a stalled store?): {e}. Earlier checkpoints are intact.") from e
+        for other in self.background.settle(timeout=self.timeout):
+            log.error("also failed in the background in %s: %r", self.directory, other)
+        self.reset_orbax(e)
+        self.ledger.dirty = True  # a snapshot may have been lost with the failure
+        before = set(self.catalog.records)
+        self.catalog.scan(warn=self.warn_corrupt)
+        lost = sorted(before - set(self.catalog.records))
+        self.ledger.mark_unsaved(lost)
+        what = (f"background write of step(s) {lost} to {self.directory}" if lost else
+                f"background work after a committed checkpoint in {self.directory} (its manifest, "
+                "deletions or the history file)")
+        raise write_error(what, e, self.catalog.steps()) from e
+
+    def _new_orbax(self):
+        return orbax_io.new_manager(self.directory, async_save=self.async_save,
+                                    read_only=False, policy=self.policy)
+
+    def reset_orbax(self, reported: BaseException) -> None:
+        """After a failed save, continue with a fresh Orbax manager (Orbax re-raises a
+        failed save's error at later calls; a new one starts clean and deletes the failed
+        save's temporary directory)."""
+        orbax_io.close_quietly(self.ocp, reported)
+        self.ocp = self._new_orbax()
