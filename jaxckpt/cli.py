@@ -70,12 +70,20 @@ def _is_step_dir(path) -> bool:
     return path.name.isdigit() and path.is_dir()
 
 
-def _open(directory: str, *, read_only: bool = True):
-    """A CheckpointManager on ``directory`` with its stored policy."""
+def _open(directory: str, *, read_only: bool = True, monitor: str | None = None,
+          mode: str | None = None):
+    """A CheckpointManager on ``directory`` with its stored policy, or, for a directory
+    without one (plain Orbax stores no monitor), ranked by ``--monitor``/``--mode``."""
     path = _check_checkpoint_dir(directory)
     from jaxckpt.manager import CheckpointManager
+    from jaxckpt.policy import CheckpointPolicy
 
-    return CheckpointManager(path, read_only=read_only)
+    policy = None
+    if monitor is not None:
+        policy = CheckpointPolicy(monitor=monitor, mode=mode or "auto")
+    elif mode is not None:
+        raise CliError("--mode needs --monitor NAME (the metric it ranks).")
+    return CheckpointManager(path, policy, read_only=read_only)
 
 
 # -- what each checkpoint is --------------------------------------------------------------
@@ -239,7 +247,7 @@ def _mark(row: dict[str, Any]) -> str:
 
 
 def cmd_ls(args) -> int:
-    with _open(args.directory) as mngr:
+    with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         rows = _checkpoints(mngr, checksums=not args.quick)
         policy = mngr.policy
         summary = {"directory": str(mngr.directory), "monitor": policy.monitor,
@@ -305,7 +313,7 @@ def _print_rich(title, headers, cells, right, rows) -> None:
 
 
 def cmd_best(args) -> int:
-    with _open(args.directory) as mngr:
+    with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         step = mngr.best_step()
         if step is None:
             reason = ("its policy monitors no metric" if not mngr.policy.monitor else
@@ -328,7 +336,7 @@ def cmd_best(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    with _open(args.directory) as mngr:
+    with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         checked = mngr.verify(args.step)  # names an unknown step itself
         verdicts = {s: v for s, v in mngr.verdicts().items() if s in checked}
         directory = mngr.directory
@@ -349,7 +357,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    with _open(args.directory) as mngr:
+    with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         entries = mngr.entries()
         monitor, mode = mngr.policy.monitor, (mngr.policy.resolved_mode
                                               if mngr.policy.monitor else None)
@@ -548,6 +556,14 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def ranking(p):
+        p.add_argument("--monitor", metavar="NAME",
+                       help="rank by this metric instead of the directory's stored policy "
+                            "(for directories plain Orbax wrote: it stores no monitor)")
+        p.add_argument("--mode", choices=("min", "max"),
+                       help="with --monitor: whether lower or higher is better (default: "
+                            "from the metric's name)")
+
     def directory(p):
         p.add_argument("directory", metavar="DIR",
                        help="checkpoint directory (the one given to CheckpointManager; "
@@ -563,6 +579,7 @@ def _parser() -> argparse.ArgumentParser:
                 "commit), corrupt (they do not; jaxckpt sets the checkpoint aside: never\n"
                 "restored, best, latest or deleted), unverified (no manifest).", cmd_ls)
     directory(p)
+    ranking(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true",
                    help="check file sizes only, not checksums (a stat per file instead of "
@@ -573,6 +590,7 @@ def _parser() -> argparse.ArgumentParser:
                 "  jaxckpt best /tmp/run/checkpoints --json   "
                 "# {\"step\": 45, \"metrics\": {\"val_loss\": 0.61, ...}, ...}", cmd_best)
     directory(p)
+    ranking(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("verify", "Check every checkpoint (or one) against the manifest written when "
@@ -582,6 +600,7 @@ def _parser() -> argparse.ArgumentParser:
                 "  jaxckpt verify gs://bucket/run/checkpoints || echo 'restore from elsewhere'",
                 cmd_verify)
     directory(p)
+    ranking(p)
     p.add_argument("--step", type=int, metavar="N", help="check only checkpoint N")
 
     p = command("plot", "Plot the metric history of every recorded step (kept or not) as "
@@ -592,6 +611,7 @@ def _parser() -> argparse.ArgumentParser:
                 "Default metrics: the monitored one and its train twin (val_loss and loss).",
                 cmd_plot)
     directory(p)
+    ranking(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.png",
                    help="image to write (.png, .svg, .pdf)")
     p.add_argument("--metric", action="append", metavar="NAME",

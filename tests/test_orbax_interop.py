@@ -7,6 +7,7 @@ open without ``adopt=True``. Checkpoints written by jaxckpt restore with plain O
 ``best_fn`` finds jaxckpt's best. A subtree restore reads only that subtree's bytes.
 """
 
+import json
 import logging
 import os
 import re
@@ -227,6 +228,25 @@ def test_cli_ls_lists_a_plain_orbax_directory(tmp_path):
     assert out.stdout.count("orbax, no manifest") == 3
     assert "stopped" not in out.stdout + out.stderr
     assert snapshot(directory) == before
+
+
+def test_cli_ranks_a_plain_orbax_directory_by_monitor_and_mode(tmp_path):
+    directory = tmp_path / "orbax"
+    write_orbax(directory, "default", True)
+    with CheckpointManager(directory, CheckpointPolicy(monitor="val_loss", mode="min"),
+                           read_only=True) as m:
+        expected = m.best_step()
+    assert expected is not None
+    for argv in (["best", "--monitor", "val_loss", "--mode", "min", "--json"],
+                 ["ls", "--monitor", "val_loss", "--json"]):
+        out = subprocess.run([sys.executable, "-m", "jaxckpt", argv[0], str(directory),
+                              *argv[1:]], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        data = json.loads(out.stdout)
+        assert data.get("step", data.get("best_step")) == expected, data
+    out = subprocess.run([sys.executable, "-m", "jaxckpt", "best", str(directory), "--mode",
+                          "min"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--mode needs --monitor" in out.stderr
 
 
 # -- the other direction: plain Orbax reads what jaxckpt wrote -----------------------------
