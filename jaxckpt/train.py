@@ -577,7 +577,11 @@ class Trainer:
         if manager is not None:
             metrics = _checkpoint_metrics(row)
             run.epoch_end = (loop.position, metrics, epoch)
-            saved = self._save(run, state, metrics=metrics, epoch=epoch, reason="epoch")
+            # The run's last epoch is always written, whatever the schedule: the end of a
+            # run is what a user restores or resumes from.
+            last = epoch == run.epochs or loop.stopped
+            saved = self._save(run, state, metrics=metrics, epoch=epoch, force=last,
+                               reason="end" if last else "epoch")
         run.callbacks.on_epoch_end(self, epoch, dict(row))
         self._epoch_line(row, run.epochs, saved, manager)
         if loop.stopped:

@@ -139,6 +139,18 @@ def test_finished_run_resumes_to_nothing_and_more_epochs_continue(splits, tmp_pa
     assert leaves_equal(t4.state.params, t3.state.params)
 
 
+def test_the_last_epoch_is_saved_whatever_the_schedule(splits, tmp_path):
+    policy = jaxckpt.CheckpointPolicy(monitor="val_loss", mode="min", keep_latest=1,
+                                      every_n_epochs=5)
+    trainer = jaxckpt.Trainer(MLP(), optax.adam(1e-3), quiet=True)
+    trainer.fit(splits["train"], splits["validation"], epochs=3, batch_size=64,
+                checkpoint=tmp_path, policy=policy, seed=1)
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        last = m.restore_checkpoint("latest")
+    assert last.epoch == 3  # not due by every_n_epochs=5, saved as the end of the run
+    assert leaves_equal(last.state["params"], jax.device_get(trainer.state.params))
+
+
 def test_history_table_csv_plot(splits, tmp_path):
     trainer = jaxckpt.Trainer(MLP(), optax.adam(1e-2), quiet=True)
     h = trainer.fit(splits["train"], splits["validation"], epochs=3, batch_size=64,
