@@ -38,6 +38,7 @@ from typing import Any
 
 from etils import epath
 
+from jaxckpt import storage
 from jaxckpt.errors import DirectoryLockedError
 
 __all__ = ["DirectoryLock", "LOCK_FILE", "HEARTBEAT_S", "STALE_AFTER_S"]
@@ -345,7 +346,16 @@ def _heartbeat(ref: "weakref.ref[DirectoryLock]", stop: threading.Event) -> None
     interval = ref().heartbeat_s if ref() is not None else HEARTBEAT_S
     while not stop.wait(interval):
         lock = ref()
-        if lock is None or not lock._beat():
+        if lock is None:
+            return
+        try:  # a stalled store must not stop the heartbeat silently
+            alive = storage.call(lock._beat, what="refreshing the lock", path=lock.path,
+                                 timeout=max(lock.stale_after_s / 4, 1.0))
+        except storage.StorageTimeoutError as e:
+            log.warning("%s; the lock is taken over by another run if this lasts more "
+                        "than %.0f s", e, lock.stale_after_s)
+            alive = True
+        if not alive:
             return
         del lock
 

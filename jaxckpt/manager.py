@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -494,7 +495,6 @@ class CheckpointManager:
 _open_managers: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
 
 
-@atexit.register
 def _close_forgotten() -> None:
     """A user who forgets ``close()`` still gets the pending write, or a warning naming it."""
     for mngr in list(_open_managers):
@@ -504,3 +504,9 @@ def _close_forgotten() -> None:
         except Exception as e:  # noqa: BLE001 - at exit: a warning, not a traceback
             warnings.warn(f"CheckpointManager({mngr.directory}) was not closed and its last "
                           f"write (step {pending}) did not complete at exit: {e}")
+
+
+# At exit, before the interpreter stops accepting work on thread pools: Orbax's finalize of
+# a pending save needs them, and plain atexit hooks run only after they are shut down.
+# threading's own exit hooks run first (CPython; concurrent.futures relies on the same).
+getattr(threading, "_register_atexit", atexit.register)(_close_forgotten)

@@ -308,3 +308,23 @@ def test_a_store_that_never_answers_raises_past_the_deadline(monkeypatch):
     line = next((x for x in out.stdout.splitlines() if x.startswith("TIMEOUT")), None)
     assert line is not None, out.stdout + out.stderr[-3000:]
     assert "gs://bucket/run" in line and "did not finish within 3 s" in line
+
+
+# -- a forgotten close() ---------------------------------------------------------------------------
+
+
+def test_a_pending_write_completes_at_exit_without_close(tmp_path):
+    code = textwrap.dedent("""
+        import sys, numpy as np, jaxckpt
+        m = jaxckpt.CheckpointManager(sys.argv[1])
+        m.save(1, {"x": np.random.default_rng(1).standard_normal(2_000_000)})
+        # no wait(), no close(): the interpreter exits with the write in flight
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    with CheckpointManager(tmp_path / "c", read_only=True) as m:
+        assert m.steps() == [1] and m.verify() == {1: []}
+        assert m.verdicts()[1].has_manifest
+        assert np.array_equal(m.restore(1)["x"], np.random.default_rng(1).standard_normal(2_000_000))
+    assert not (tmp_path / "c" / fmt.LOCK_FILE).exists()
