@@ -2,8 +2,8 @@
 
 One definition of "latest" and "best" for properties, ``restore``, the CLI and the docs:
 the newest (best) checkpoint that is complete and not known to be damaged. Sizes are
-checked when the directory is opened; checksums when a checkpoint is restored or
-verified. A checkpoint found damaged is *set aside*: never restored, never best, never
+checked when the directory is opened; checksums of small files and the fingerprints of the
+arrays when a checkpoint is restored or verified. A checkpoint found damaged is *set aside*: never restored, never best, never
 deleted, and ``latest``/``best`` move to the next one. A step that disappears while it
 is read (a live writer deleted it) is forgotten, not reported as damaged.
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import time
 import json
 import logging
+import os
+import time
 import warnings
 from typing import Any, Callable, Literal
 
@@ -41,6 +41,9 @@ _BARRIERS = itertools.count()  # every process makes the same calls: the same na
 
 @dataclasses.dataclass
 class Catalog:
+    """Usable checkpoints (``records`` and their ``verdicts``), ``corrupt`` ones set aside,
+    ``incomplete`` ones ignored; keyed by step."""
+
     directory: epath.Path
     policy: CheckpointPolicy
     timeout: float | None = storage.DEFAULT_TIMEOUT_S
@@ -52,7 +55,17 @@ class Catalog:
     # -- scanning ----------------------------------------------------------------------
 
     def scan(self, *, warn: Callable[[str], None] | None = None) -> None:
-        """List the step directories now and classify each by a cheap check (sizes)."""
+        """List the step directories now and classify each by a cheap check (sizes).
+
+        A step found damaged before stays set aside: a cheap check cannot see what a
+        checksum or an array fingerprint saw (only :meth:`examine` of it clears it)."""
+        known = dict(self.corrupt)
+        self._scan(warn)
+        for step, verdict in known.items():
+            if step in self.records:
+                self.set_aside(verdict)
+
+    def _scan(self, warn: Callable[[str], None] | None) -> None:
         self.records.clear()
         self.verdicts.clear()
         self.corrupt.clear()

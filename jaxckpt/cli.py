@@ -305,7 +305,7 @@ def _print_rich(title, headers, cells, right, rows) -> None:
     for row, cell in zip(rows, cells):
         cell = list(cell)
         k = headers.index("integrity")
-        cell[k] = f"[{status_style[row['integrity']]}]{cell[k]}[/]"
+        cell[k] = f"[{status_style.get(row['integrity'], 'yellow')}]{cell[k]}[/]"
         cell[-1] = f"[bold]{_mark(row)}[/]"  # the row's colour marks it; no arrow needed
         style = "bold green" if row["best"] else ("cyan" if row["latest"] else None)
         table.add_row(*cell, style=style)
@@ -575,15 +575,17 @@ def _parser() -> argparse.ArgumentParser:
                 "  jaxckpt ls /tmp/run/checkpoints --json | jq '.checkpoints[].step'\n"
                 "  jaxckpt ls gs://bucket/run/checkpoints --quick\n\n"
                 "A table on a terminal, plain text when piped, JSON with --json.\n"
-                "integrity: ok (sizes and CRC-32C checksums match the manifest written at\n"
-                "commit), corrupt (they do not; jaxckpt sets the checkpoint aside: never\n"
-                "restored, best, latest or deleted), unverified (no manifest).", cmd_ls)
+                "integrity: ok (sizes, small files' CRC-32C and each array's fingerprint\n"
+                "match the manifest written at commit), corrupt (they do not; jaxckpt sets\n"
+                "the checkpoint aside: never restored, best, latest or deleted), unverified\n"
+                "(no manifest), orbax, no manifest (written by plain Orbax).", cmd_ls)
     directory(p)
     ranking(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true",
-                   help="check file sizes only, not checksums (a stat per file instead of "
-                        "reading every byte: fast on large or remote checkpoints)")
+                   help="check file sizes only, not checksums or array fingerprints (a stat "
+                        "per file instead of reading every byte: fast on large or remote "
+                        "checkpoints)")
 
     p = command("best", "Show the best checkpoint by the monitored metric and its metrics.",
                 "  jaxckpt best /tmp/run/checkpoints\n"
@@ -594,7 +596,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = command("verify", "Check every checkpoint (or one) against the manifest written when "
-                "it was committed: sizes and CRC-32C checksums; exit 1 naming each bad one.",
+                "it was committed: sizes, small files' CRC-32C, every array's fingerprint (each byte is "
+                "read once); exit 1 naming each bad one.",
                 "  jaxckpt verify /tmp/run/checkpoints\n"
                 "  jaxckpt verify /tmp/run/checkpoints --step 45\n"
                 "  jaxckpt verify gs://bucket/run/checkpoints || echo 'restore from elsewhere'",

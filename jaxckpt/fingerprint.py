@@ -146,6 +146,7 @@ def mismatches(tree: Any, expected: dict[str, dict[str, int]], prefix: str = "")
             got = finish(("wsum32", _of_device_array(leaf) if isinstance(leaf, jax.Array)
                           else _wsum(_host_words(np.asarray(leaf)))))
         if got != {k: v for k, v in want.items() if k in got}:
-            problems.append(f"{key}: array data does not match the fingerprint saved with it "
-                            f"({got}, manifest says {want})")
+            algorithm = next(iter(got))
+            problems.append(f"{key}: array data does not match its fingerprint ({algorithm} "
+                            f"{got[algorithm]:#010x}, manifest says {want[algorithm]:#010x})")
     return problems

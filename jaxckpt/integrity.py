@@ -1,23 +1,28 @@
 """What a committed checkpoint must look like: its manifest and its JSON metadata.
 
-After Orbax commits a checkpoint, the manager's background worker lists every file of the
-step directory with its size and CRC-32C and stores the list beside them::
+After Orbax commits a checkpoint, the manager's background worker stores beside it the
+size of every file, the CRC-32C of the small ones (metadata, indexes: up to
+:data:`SMALL_FILE`), and the fingerprint of every array of the state, taken from the
+arrays themselves when ``save`` was called (:mod:`jaxckpt.fingerprint`)::
 
     DIR/<step>/jaxckpt_manifest.json
-        {"format": "jaxckpt-manifest/1", "step": 50, "algorithm": "crc32c",
-         "files": {"state/manifest.ocdbt": {"size": 114, "crc32c": 2271104343}, ...}}
+        {"format": "jaxckpt-manifest/2", "step": 50, "algorithm": "crc32c",
+         "files": {"state/manifest.ocdbt": {"size": 114, "crc32c": 2271104343},
+                   "state/d/1f0c...": {"size": 33554432}, ...},
+         "arrays": {"item": "state", "leaves": {"params/w": {"crc32c": 93112...}, ...}}}
 
-:func:`check` compares a step directory with its manifest: sizes always (a ``stat`` per
-file), checksums when asked (every byte is read). CRC-32C (google-crc32c, SSE4.2/ARMv8
-instructions, ~3 GB/s on one core here) is the default; manifests with zlib's CRC-32
-(~1.8 GB/s; older jaxckpt, or hosts where google-crc32c has no C extension) are read and
-checked as well. A CRC guards against truncation, flipped bits and lost files, not against an
-attacker, who could rewrite the manifest too; what keeps a crafted checkpoint from running
-code is that nothing in it is loaded with pickle and every JSON file is schema-checked here.
+So a save reads back kilobytes, not the state, and a restore reads each byte once: Orbax
+reads the arrays, the manager compares them with their fingerprints (:class:`Verdict`
+carries them). :func:`check` compares sizes always (a ``stat`` per file) and small files'
+checksums when asked. Version-1 manifests (a CRC of every file, older jaxckpt; zlib's
+CRC-32 or CRC-32C) are still read and checked in full. A CRC guards against truncation,
+flipped bits and lost files, not against an attacker, who could rewrite the manifest too;
+what keeps a crafted checkpoint from running code is that nothing in it is loaded with
+pickle and every JSON file is schema-checked.
 
 A step without a manifest (the writer was killed between Orbax's commit and the manifest,
-or the checkpoint predates manifests) is *unverified*, not corrupt: it is usable, and the
-manager warns when it restores one.
+or plain Orbax wrote it) is *unverified*, not corrupt: it is usable, and the manager says
+so when it restores one.
 """
 
 from __future__ import annotations

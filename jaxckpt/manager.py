@@ -371,10 +371,7 @@ class CheckpointManager:
                 if not isinstance(which, str):
                     raise CheckpointCorruptError(
                         self._catalog.corrupt_message(self._catalog.corrupt[step])) from None
-                warnings.warn(f"restore({which!r}) found checkpoint {step} in {self._dir} "
-                              f"corrupt ({e}); it is set aside, trying the next one.",
-                              stacklevel=2)
-                continue
+                continue  # resolve_verified names it in its "skipped" warning
             except Exception:
                 if (self._dir / str(step)).exists():
                     raise

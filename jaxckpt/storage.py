@@ -155,7 +155,13 @@ def remove_tree(directory: epath.Path, step: int, *,
     """
     src = directory / str(step)
     if is_remote(directory):  # no rename: remove the commit marker first, then the rest
-        call(src.rmtree, what="deleting", path=src, timeout=timeout)
+        def remove():
+            marker = src / fmt.COMMIT_MARKER
+            if marker.exists():
+                marker.unlink()  # from here on, readers see an unfinished step
+            if src.exists():
+                src.rmtree()
+        call(remove, what="deleting", path=src, timeout=timeout)
         return
     aside = directory / fmt.deleting_name(step)
     try:
