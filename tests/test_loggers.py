@@ -20,8 +20,8 @@ def xy(n=256, seed=0):
 
 def fit(directory, epochs, callbacks, **kw):
     x, y = xy()
-    # Saves every 2nd epoch only: epoch 3 of a 3-epoch run is logged but not checkpointed.
-    policy = jaxckpt.CheckpointPolicy(keep_latest=1, every_n_epochs=2)
+    # Saves every 2nd epoch, and the last epoch of a run.
+    policy = jaxckpt.CheckpointPolicy(keep_latest=2, every_n_epochs=2)
     return jaxckpt.Trainer(MLP(), optax.adam(1e-2), quiet=True).fit(
         (x, y), (x[:64], y[:64]), epochs=epochs, batch_size=64, checkpoint=directory,
         policy=policy, callbacks=callbacks, **kw)
@@ -53,8 +53,11 @@ def test_csv_and_tensorboard_are_written_per_epoch_and_resume_without_duplicates
     reader = ReadsTheCSV(log)
     fit(tmp_path / "ck", 3, [jaxckpt.CSVLogger(log), jaxckpt.TensorBoardLogger(tb), reader])
     assert reader.seen == [["1"], ["1", "2"], ["1", "2", "3"]]  # flushed as each epoch ends
-    with jaxckpt.CheckpointManager(tmp_path / "ck", read_only=True) as m:
-        assert m.latest_step() == 8  # epoch 2: epoch 3 must be trained (and logged) again
+    with jaxckpt.CheckpointManager(tmp_path / "ck") as m:
+        # A crash after epoch 3 was logged, before its checkpoint (fit always saves its
+        # last epoch): epoch 3 must be trained, and logged, again.
+        m.delete(12)
+        assert m.latest_step() == 8
     h = fit(tmp_path / "ck", 4, [jaxckpt.CSVLogger(log), jaxckpt.TensorBoardLogger(tb)])
     rows = csv_rows(log)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
