@@ -18,19 +18,20 @@ from jaxckpt.policy import CheckpointPolicy as CheckpointPolicy
 from jaxckpt.policy import KeepReason as KeepReason
 from jaxckpt.policy import auto_interval as auto_interval
 from jaxckpt.policy import metric_mode as metric_mode
-from jaxckpt.state import TrainState as TrainState
-from jaxckpt.state import nnx_checkpoint_state as nnx_checkpoint_state
-from jaxckpt.state import nnx_merge as nnx_merge
-from jaxckpt.state import nnx_restore_into as nnx_restore_into
-from jaxckpt.state import nnx_split as nnx_split
 
 __version__ = "0.1.0"
 from jaxckpt.history import History as History
 from jaxckpt.early_stopping import EarlyStopping as EarlyStopping
 
-# The training loop pulls in grain, tensorflow-datasets and rich: loaded on first use, so
-# that `import jaxckpt` and read-only CLI commands stay light.
+# The training loop pulls in grain, tensorflow-datasets and rich, the train state Flax
+# and optax: loaded on first use, so that `import jaxckpt` and read-only CLI commands
+# stay light (a manager needs only JAX and Orbax).
 _LAZY = {
+    "TrainState": "jaxckpt.state",
+    "nnx_checkpoint_state": "jaxckpt.state",
+    "nnx_merge": "jaxckpt.state",
+    "nnx_restore_into": "jaxckpt.state",
+    "nnx_split": "jaxckpt.state",
     "NonFiniteLossError": "jaxckpt.train",
     "Trainer": "jaxckpt.train",
     "Callback": "jaxckpt.callbacks",
