@@ -147,6 +147,7 @@ def _row(mngr, step, entry, verdict, reasons, kept, best, latest, checksums) -> 
     status = _status(verdict, checksums)
     return {
         "step": step,
+        "path": str(mngr.directory / str(step)),
         "epoch": entry.get("epoch"),
         "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
         "kept": ([str(r) for r in reasons.get(step, ())] if step in kept
@@ -254,6 +255,8 @@ def cmd_ls(args) -> int:
                    "mode": policy.resolved_mode if policy.monitor else None,
                    "keep_best": policy.keep_best, "keep_latest": policy.keep_latest,
                    "best_step": mngr.best_step(), "latest_step": mngr.latest_step(),
+                   "best_path": _path_or_none(mngr, mngr.best_step()),
+                   "latest_path": _path_or_none(mngr, mngr.latest_step()),
                    "checksums": not args.quick, "checkpoints": rows}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -282,6 +285,10 @@ def cmd_ls(args) -> int:
     for r in bad:
         print(f"step {r['step']} is corrupt: {'; '.join(r['problems'])}")
     return EXIT_OK
+
+
+def _path_or_none(mngr, step: int | None) -> str | None:
+    return None if step is None else str(mngr.checkpoint_path(step))
 
 
 def _or_none(value: Any, none: str = "none") -> str:
@@ -323,15 +330,17 @@ def cmd_best(args) -> int:
         metrics = mngr.metrics(step) or {}
         epoch = next((e["epoch"] for e in mngr.entries() if e["step"] == step), None)
         monitor, mode = mngr.policy.monitor, mngr.policy.resolved_mode
+        path = str(mngr.checkpoint_path(step))
     if args.json:
         print(json.dumps({"step": step, "epoch": epoch, "monitor": monitor, "mode": mode,
-                          "metrics": metrics}, indent=2))
+                          "metrics": metrics, "path": path}, indent=2))
         return EXIT_OK
     epoch_text = f" (epoch {epoch})" if epoch is not None else ""
     print(f"best checkpoint: step {step}{epoch_text}, by {monitor} ({mode})")
     width = max(map(len, metrics), default=0)
     for name in _metric_order(list(metrics), monitor):
         print(f"  {name.ljust(width)}  {metrics[name]:.6g}")
+    print(f"  in {path}")
     return EXIT_OK
 
 

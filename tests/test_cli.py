@@ -101,7 +101,12 @@ def test_ls_json(tutorial, capsys):
     data = json.loads(capsys.readouterr().out)
     assert (data["monitor"], data["mode"], data["best_step"], data["latest_step"]) == (
         "val_loss", "min", 45, 50)
+    # stable paths for outside tools (Lightning's best_model_path): real step directories
+    assert (data["best_path"], data["latest_path"]) == (str(tutorial / "45"),
+                                                        str(tutorial / "50"))
+    assert os.path.isdir(data["best_path"]) and os.path.isdir(data["latest_path"])
     best, latest = data["checkpoints"]
+    assert best["path"] == data["best_path"]
     assert best["step"] == 45 and best["epoch"] == 45 and best["best"] and not best["latest"]
     assert best["metrics"] == {"val_loss": 0.61, "loss": pytest.approx(0.71)}
     assert best["kept"] == ["best #1"] and latest["kept"] == ["latest"]
@@ -135,10 +140,12 @@ def test_best(tutorial, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["step"] == 45 and data["epoch"] == 45
     assert data["metrics"] == {"val_loss": 0.61, "loss": pytest.approx(0.71)}
+    assert data["path"] == str(tutorial / "45")
     assert main(["best", str(tutorial)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "best checkpoint: step 45 (epoch 45), by val_loss (min)"
     assert out[1].split() == ["val_loss", "0.61"]
+    assert out[-1].split() == ["in", str(tutorial / "45")]
 
 
 # -- verify -----------------------------------------------------------------------------
