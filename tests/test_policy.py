@@ -518,7 +518,7 @@ def reopen(p, records):
     return again, [Record(**json.loads(json.dumps(dataclasses.asdict(r)))) for r in records]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(o=options, events=st.lists(event, max_size=40), reopen_at=st.sets(st.integers(0, 40)))
 def test_kept_set_equals_oracle_for_every_option_combined(o, events, reopen_at):
     p = build_policy(o)
@@ -545,7 +545,7 @@ def test_kept_set_equals_oracle_for_every_option_combined(o, events, reopen_at):
         assert (best.step if best else None) == expected_best
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(values=st.lists(st.one_of(metric, st.none()), max_size=40), keep_best=st.integers(0, 4),
        keep_latest=st.integers(0, 4), mode=st.sampled_from(["min", "max"]))
 def test_kept_is_best_k_union_latest_n_without_min_delta(values, keep_best, keep_latest, mode):
