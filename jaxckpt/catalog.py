@@ -12,6 +12,7 @@ Owned by the calling thread: the background thread never reads or changes a cata
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -51,6 +52,9 @@ class Catalog:
     verdicts: dict[int, Verdict] = dataclasses.field(default_factory=dict)
     corrupt: dict[int, Verdict] = dataclasses.field(default_factory=dict)
     incomplete: dict[int, Verdict] = dataclasses.field(default_factory=dict)
+    # Meta records read so far: opening a directory asks for each one several times (to
+    # rank it, for the stored policy, for the ledger); a committed record never changes.
+    _metas: dict[int, dict] = dataclasses.field(default_factory=dict, repr=False)
 
     # -- scanning ----------------------------------------------------------------------
 
@@ -66,6 +70,7 @@ class Catalog:
                 self.set_aside(verdict)
 
     def _scan(self, warn: Callable[[str], None] | None) -> None:
+        self._metas.clear()
         self.records.clear()
         self.verdicts.clear()
         self.corrupt.clear()
@@ -80,6 +85,7 @@ class Catalog:
     def examine(self, step: int, *, checksums: bool,
                 warn: Callable[[str], None] | None = None) -> Verdict | None:
         """Check one step and file it; None when it no longer exists."""
+        self._metas.pop(step, None)  # read it again: the step may have been replaced
         step_dir = self.directory / str(step)
         try:
             verdict = integrity.check(step_dir, step, checksums=checksums)
@@ -114,11 +120,12 @@ class Catalog:
                 self.forget(step)
 
     def forget(self, step: int) -> None:
-        for table in (self.records, self.verdicts, self.corrupt, self.incomplete):
+        for table in (self.records, self.verdicts, self.corrupt, self.incomplete, self._metas):
             table.pop(step, None)
 
     def add(self, step: int, record: Record) -> None:
         """A checkpoint this process just wrote (committed in the background)."""
+        self._metas.pop(step, None)
         self.records[step] = record
         self.verdicts[step] = Verdict(step)
 
@@ -138,6 +145,11 @@ class Catalog:
     def read_meta(self, step: int) -> dict:
         """A step's meta record ({} for one written by plain Orbax); raises FileNotFoundError
         when the step is gone."""
+        if step not in self._metas:
+            self._metas[step] = self._read_meta(step)
+        return copy.deepcopy(self._metas[step])  # callers may change what they get
+
+    def _read_meta(self, step: int) -> dict:
         path = self.directory / str(step) / fmt.META / "metadata"
         try:
             meta = json.loads(storage.read_text(path, timeout=self.timeout))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import posixpath
 import zlib
 from typing import Any, Callable, Literal
@@ -264,14 +263,6 @@ def _arrays_schema(arrays: Any) -> list[str]:
     return []
 
 
-def _inside(step_dir: epath.Path, rel: str) -> bool:
-    """Whether ``step_dir/rel`` really lies inside ``step_dir`` (symlinks resolved)."""
-    if storage.is_remote(step_dir):
-        return True  # object stores have no symlinks; the path itself was checked
-    root = os.path.realpath(str(step_dir))
-    return os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep)
-
-
 def committed(step_dir: epath.Path) -> bool:
     """Whether Orbax finished the step. A local step appears by an atomic rename once
     complete; on an object store Orbax writes in place and ends with a commit marker."""
@@ -331,7 +322,7 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
     except OSError as e:
         return Verdict(step, (*problems, f".: cannot list the checkpoint directory ({e})"))
     for rel, entry in manifest["files"].items():
-        if not _inside(step_dir, rel):
+        if not storage.inside(step_dir, step_dir / rel):
             problems.append(f"{rel}: leads outside the checkpoint directory (a symlink)")
         elif rel not in on_disk:
             problems.append(f"{rel}: missing")

@@ -34,7 +34,7 @@ class StorageTimeoutError(TimeoutError):
 
 def is_remote(path: Any) -> bool:
     """Whether ``path`` names an object store (``gs://``, ``s3://``) rather than a disk."""
-    return "://" in os.fspath(path) if not isinstance(path, epath.Path) else "://" in str(path)
+    return "://" in str(path)
 
 
 def as_path(directory: str | os.PathLike) -> epath.Path:
