@@ -23,9 +23,6 @@ __all__ = ["of_tree", "resolve", "mismatches"]
 
 
 
-_CHUNK = 4 << 20
-
-
 @jax.jit
 def _wsum(words: jax.Array) -> jax.Array:
     """The weighted sum of an integer array's words, by row-major linear position.
@@ -93,7 +90,7 @@ def pending(x: Any) -> Any:
     if not (isinstance(x, jax.Array) or (isinstance(x, (np.ndarray, np.generic))
                                          and x.dtype.kind in "biufc")):
         return None
-    host = _host_bytes(x)
+    host = _host_bytes(x) if _crc32c().implementation == "c" else None
     if host is not None:
         return ("crc32c", host)
     return ("wsum32", _of_device_array(x))
@@ -102,30 +99,31 @@ def pending(x: Any) -> Any:
 def finish(started: Any) -> dict[str, int]:
     algorithm, value = started
     if algorithm == "crc32c":
-        import google_crc32c
-        raw = memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-        crc = 0
-        for start in range(0, len(raw), _CHUNK):  # the C CRC takes bytes: copy in chunks
-            crc = google_crc32c.extend(crc, raw[start:start + _CHUNK].tobytes())
-        return {"crc32c": crc}
+        # The C extension reads the array's buffer in place: no copy of the state.
+        flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        return {"crc32c": _crc32c().extend(0, flat)}
     return {"wsum32": int(np.asarray(value.addressable_data(0)))}
 
 
-def of_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{leaf path: started fingerprint}`` for every array leaf."""
-    from jaxckpt.target import path_str
+def _crc32c() -> Any:
+    import google_crc32c
+    return google_crc32c
+
+
+def of_tree(tree: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{leaf path: (started fingerprint or None, what is saved)}`` for every leaf of a
+    tree about to be saved (:func:`jaxckpt.target.to_saveable`'s)."""
+    from jaxckpt.target import path_str, saved_leaf
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    out = {}
-    for path, leaf in flat:
-        started = pending(leaf)
-        if started is not None:
-            out[prefix + path_str(path)] = started
-    return out
+    return {prefix + path_str(path): (pending(leaf), saved_leaf(leaf)) for path, leaf in flat}
 
 
-def resolve(started: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """The finished fingerprints, as stored in a manifest (blocks until computed)."""
-    return {path: finish(s) for path, s in started.items()}
+def resolve(started: dict[str, tuple[Any, Any]]) -> dict[str, dict]:
+    """The manifest's record of the state (blocks until every fingerprint is computed):
+    ``leaves``, the fingerprint of each array; ``saved``, each leaf's shape and dtype, so
+    a restore checks its target without reading Orbax's metadata."""
+    return {"leaves": {path: finish(s) for path, (s, _) in started.items() if s is not None},
+            "saved": {path: leaf.to_json() for path, (_, leaf) in started.items()}}
 
 
 def mismatches(tree: Any, expected: dict[str, dict[str, int]], prefix: str = "") -> list[str]:

@@ -78,6 +78,9 @@ class Verdict:
     arrays: Any = None
     """Version-2 manifests: ``{leaf path: fingerprint}`` of the state item, to compare
     with the restored arrays (the files' bytes were not read to produce this verdict)."""
+    saved: Any = None
+    """Version-2 manifests (newer ones): ``{leaf path: {"shape", "dtype"[, "scalar"]}}`` of
+    the state item (:class:`jaxckpt.target.SavedLeaf`), to check a restore target."""
 
     @property
     def ok(self) -> bool:
@@ -143,7 +146,7 @@ def build_manifest(step_dir: epath.Path, step: int, arrays: dict | None = None,
                    algorithm: str = DEFAULT_ALGORITHM) -> dict:
     """The manifest of a committed step directory.
 
-    With ``arrays`` (the state's fingerprints, :func:`jaxckpt.fingerprint.resolve`),
+    With ``arrays`` (the state's record, :func:`jaxckpt.fingerprint.resolve`),
     version 2: sizes of every file, checksums of the small ones only, so a save reads
     back kilobytes, not the state. Without, version 1: every file read and checksummed.
     """
@@ -155,7 +158,7 @@ def build_manifest(step_dir: epath.Path, step: int, arrays: dict | None = None,
     manifest = {"format": MANIFEST_FORMAT if arrays is not None else FORMATS[0],
                 "step": step, "algorithm": algorithm, "files": files}
     if arrays is not None:
-        manifest["arrays"] = {"item": fmt.STATE, "leaves": arrays}
+        manifest["arrays"] = {"item": fmt.STATE, **arrays}
     return manifest
 
 
@@ -260,6 +263,15 @@ def _arrays_schema(arrays: Any) -> list[str]:
                 k in ("crc32c", "wsum32") and _is_int(v) and 0 <= v < 2 ** 32
                 for k, v in fp.items())):
             return [f"malformed array fingerprint for {path!r}: {fp!r}"]
+    saved = arrays.get("saved", {})  # absent from the first version-2 manifests
+    if not isinstance(saved, dict):
+        return ["'arrays.saved' must be an object"]
+    from jaxckpt.target import SavedLeaf
+    for path, leaf in saved.items():
+        try:
+            SavedLeaf.from_json(leaf)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return [f"malformed saved leaf record for {path!r}: {leaf!r}"]
     return []
 
 
@@ -322,7 +334,8 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
     except OSError as e:
         return Verdict(step, (*problems, f".: cannot list the checkpoint directory ({e})"))
     for rel, entry in manifest["files"].items():
-        if not storage.inside(step_dir, step_dir / rel):
+        # A listed file is a real file or a symlink (a symlinked directory is not walked).
+        if storage.is_link(step_dir / rel) and not storage.inside(step_dir, step_dir / rel):
             problems.append(f"{rel}: leads outside the checkpoint directory (a symlink)")
         elif rel not in on_disk:
             problems.append(f"{rel}: missing")
@@ -340,8 +353,8 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
             if crc != entry[algorithm]:
                 problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
                                 f"says {entry[algorithm]:#010x})")
-    arrays = manifest.get("arrays", {}).get("leaves") if "arrays" in manifest else None
-    return Verdict(step, tuple(problems), arrays=arrays)
+    arrays = manifest.get("arrays", {})
+    return Verdict(step, tuple(problems), arrays=arrays.get("leaves"), saved=arrays.get("saved"))
 
 
 # -- the JSON files jaxckpt writes into each step ------------------------------------------

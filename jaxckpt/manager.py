@@ -360,10 +360,11 @@ class CheckpointManager:
         self._finish_pending()
         while True:
             step = self._catalog.resolve_verified(which, checksums=not path)
-            arrays = self._catalog.verdicts[step].arrays if step in self._catalog.verdicts else None
+            verdict = self._catalog.verdicts.get(step)
             try:
-                state = orbax_io.restore_state(self._dir / str(step), target, step=step,
-                                               subtree=path, fingerprints=arrays)
+                state = orbax_io.restore_state(
+                    self._dir / str(step), target, step=step, subtree=path,
+                    fingerprints=verdict and verdict.arrays, saved=verdict and verdict.saved)
                 meta = self._catalog.read_meta(step)
                 data_state = self._catalog.read_data_state(step)
             except orbax_io.ArraysCorrupt as e:

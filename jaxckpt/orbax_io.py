@@ -159,7 +159,8 @@ def as_subtree(subtree: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def restore_state(step_dir: epath.Path, target: Any, *, step: int,
-                  subtree: tuple[str, ...] = (), fingerprints: dict | None = None) -> Any:
+                  subtree: tuple[str, ...] = (), fingerprints: dict | None = None,
+                  saved: dict | None = None) -> Any:
     """The state of the checkpoint in ``step_dir``, whoever wrote it, into ``target``.
 
     The state is item ``state`` (jaxckpt), ``default`` (a plain Orbax manager) or the
@@ -168,7 +169,9 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
     "opt_state": ...}``), restored with a dict target of those keys; ``subtree``'s first
     key then names an item.
 
-    ``fingerprints`` (a version-2 manifest's) are compared with the arrays just read.
+    ``fingerprints`` (a version-2 manifest's) are compared with the arrays just read;
+    ``saved`` (its leaves' shapes and dtypes) checks ``target`` without reading Orbax's
+    metadata of every array.
 
     Raises:
       RestoreStructureError: ``subtree`` is not in the checkpoint, or ``target`` does not
@@ -180,8 +183,9 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
     items = pytree_items(step_dir)
     main = next((n for n in (fmt.STATE, ORBAX_DEFAULT_ITEM) if n in items), None)
     if main is not None:
+        ours = main == fmt.STATE
         return _restore_into(step_dir / main, target, step, subtree,
-                             fingerprints if main == fmt.STATE else None)
+                             fingerprints if ours else None, saved if ours else None)
     if not items:
         raise CheckpointNotFoundError(
             f"checkpoint {step} in {step_dir.parent} holds no PyTree item (it has "
@@ -203,9 +207,13 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
 
 
 def _restore_into(item_dir: epath.Path, target: Any, step: int,
-                  subtree: tuple[str, ...], fingerprints: dict | None = None) -> Any:
-    saved = _subtree_of(item_metadata(item_dir), subtree, step)
-    plan = target_lib.restore_plan(saved, target, step)
+                  subtree: tuple[str, ...], fingerprints: dict | None = None,
+                  saved: dict | None = None) -> Any:
+    leaves = target_lib.SavedLeaves.from_json(saved, subtree) if saved and target is not None \
+        else None
+    if leaves is None:
+        leaves = _subtree_of(item_metadata(item_dir), subtree, step)
+    plan = target_lib.restore_plan(leaves, target, step)
     raw = restore_item(item_dir, plan.abstract, subtree)
     if fingerprints:
         prefix = "".join(f"{k}/" for k in subtree)

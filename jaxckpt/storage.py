@@ -31,6 +31,10 @@ DEFAULT_TIMEOUT_S = 300.0
 class StorageTimeoutError(TimeoutError):
     """A storage call did not return before its deadline (a stalled store)."""
 
+    operation: str = ""
+    """What did not finish, as ``"deleting gs://bucket/run/3"``."""
+    timeout_s: float | None = None
+
 
 def is_remote(path: Any) -> bool:
     """Whether ``path`` names an object store (``gs://``, ``s3://``) rather than a disk."""
@@ -65,10 +69,12 @@ def call(fn: Callable[..., T], *args: Any, what: str, path: Any,
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise StorageTimeoutError(
+        stalled = StorageTimeoutError(
             f"{what} {path} did not finish within {timeout:.0f} s: the store stopped "
             "answering. Nothing saved was lost; check the store (or the network) and "
             "save again, or raise CheckpointManager(storage_timeout_s=...).")
+        stalled.operation, stalled.timeout_s = f"{what} {path}", timeout
+        raise stalled
     if error:
         raise error[0]
     return result[0]
@@ -259,6 +265,11 @@ def check_directory(path: epath.Path, *, read_only: bool,
         raise CheckpointDirectoryError(
             f"checkpoint directory {s} is not writable ({e.strerror or e}). Choose a "
             "directory you can write to, or fix its permissions.") from e
+
+
+def is_link(path: epath.Path) -> bool:
+    """Whether ``path`` is a symbolic link (never on object stores)."""
+    return not is_remote(path) and os.path.islink(os.fspath(path))
 
 
 def inside(root: epath.Path, path: epath.Path) -> bool:

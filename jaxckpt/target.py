@@ -80,7 +80,45 @@ def _is_saved_leaf(x: Any) -> bool:
 def _saved_as_python_scalar(meta: Any) -> bool:
     # Orbax writes Python int/float/bool leaves with its scalar handler: no fixed dtype of
     # the user's, and read back as a Python scalar.
-    return isinstance(meta, ocp_metadata.ScalarMetadata)
+    return isinstance(meta, ocp_metadata.ScalarMetadata) or (
+        isinstance(meta, SavedLeaf) and meta.scalar)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedLeaf:
+    """A saved leaf as jaxckpt's manifest records it: what Orbax's metadata says of it
+    (shape, dtype, whether its scalar handler stored it), known without reading Orbax's
+    per-array metadata, which costs a read per array at every restore."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scalar: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"shape": list(self.shape), "dtype": self.dtype.name}
+        return {**out, "scalar": True} if self.scalar else out
+
+    @classmethod
+    def from_json(cls, d: Any) -> "SavedLeaf":
+        """Raises ValueError/TypeError/KeyError for a malformed record."""
+        shape = tuple(d["shape"])
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise ValueError(f"shape {d['shape']!r}")
+        if d.get("scalar", False) not in (True, False):
+            raise ValueError(f"scalar {d['scalar']!r}")
+        return cls(shape, np.dtype(d["dtype"]), bool(d.get("scalar", False)))
+
+
+def saved_leaf(x: Any) -> SavedLeaf:
+    """What Orbax records for leaf ``x`` of a :func:`to_saveable` tree: Python and numpy
+    scalars go to its scalar handler (Python ints as int64, floats as float64)."""
+    if isinstance(x, bool):
+        return SavedLeaf((), np.dtype(np.bool_), scalar=True)
+    if isinstance(x, int):
+        return SavedLeaf((), np.dtype(np.int64), scalar=True)
+    if isinstance(x, float):
+        return SavedLeaf((), np.dtype(np.float64), scalar=True)
+    return SavedLeaf(tuple(x.shape), np.dtype(x.dtype), scalar=isinstance(x, np.number))
 
 
 def _kind(dtype: Any) -> str | None:
@@ -181,6 +219,19 @@ def to_saveable(tree: Any) -> Any:
 # -- restore side -----------------------------------------------------------------------
 
 
+class SavedLeaves(dict):
+    """``{leaf path: SavedLeaf}``: a saved tree known from its manifest, not Orbax."""
+
+    @classmethod
+    def from_json(cls, saved: dict, subtree: Sequence[str] = ()) -> "SavedLeaves | None":
+        """The leaves under ``subtree`` (paths relative to it); None when there are none
+        (the caller then asks Orbax, whose error names what the checkpoint holds)."""
+        prefix = "".join(f"{k}/" for k in subtree)
+        out = cls((path[len(prefix):], SavedLeaf.from_json(d)) for path, d in saved.items()
+                  if path.startswith(prefix))
+        return out or None
+
+
 @dataclasses.dataclass(frozen=True)
 class RestorePlan:
     """How to restore one saved tree into one target.
@@ -207,7 +258,8 @@ def restore_plan(saved_tree: Any, target: Any, step: int | None = None) -> Resto
     """Check ``target`` against ``saved_tree`` and plan the restore into it.
 
     Args:
-      saved_tree: the saved item's metadata tree (Orbax ``item_metadata(...).tree``), or
+      saved_tree: the saved item's metadata tree (Orbax ``item_metadata(...).tree``), its
+        leaves as the manifest records them (:class:`SavedLeaves`, with a target), or
         None to trust ``target`` (no checks; a saved Python scalar then restores through
         Orbax's own conversion).
       target: any pytree of ``jax.Array``, ``jax.ShapeDtypeStruct`` (with or without a
@@ -226,7 +278,8 @@ def restore_plan(saved_tree: Any, target: Any, step: int | None = None) -> Resto
     paths = [path_str(p) for p, _ in flat]
     leaves = [x for _, x in flat]
     _check_target_leaves(paths, leaves)
-    saved = None if saved_tree is None else _saved_leaves(saved_tree)
+    saved = None if saved_tree is None else (
+        saved_tree if isinstance(saved_tree, SavedLeaves) else _saved_leaves(saved_tree))
     if saved is not None:
         _check_against_saved(saved, dict(zip(paths, leaves)), step)
     plans = [_leaf_plan(p, x, None if saved is None else saved[p])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import CheckpointManager, RestoreStructureError
-from jaxckpt.target import check_saveable, restore_plan, to_saveable
+from jaxckpt import orbax_io
+from jaxckpt.target import (SavedLeaves, _saved_leaves, check_saveable, restore_plan,
+                            to_saveable)
 
 # -- the kinds of user pytree -----------------------------------------------------------
 
@@ -482,3 +485,74 @@ def test_old_calls_still_work():
     assert abstract["k"].dtype == jnp.uint32 and abstract["n"] == 0
     out = rewrap({"k": jnp.zeros(2, jnp.uint32), "n": 4})
     assert is_key(out["k"]) and out["n"] == 4
+
+
+# -- the manifest's record of the saved tree (a restore with a target reads no Orbax metadata) --
+
+
+def manifest_of(directory, step: int) -> dict:
+    return json.loads((directory / str(step) / "jaxckpt_manifest.json").read_text())
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_the_manifest_records_what_orbax_records_of_each_leaf(tmp_path, kind):
+    saved, _ = CASES[kind]()
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, saved)
+    orbax_says = _saved_leaves(orbax_io.item_metadata(tmp_path / "1" / "state"))
+    ours = SavedLeaves.from_json(manifest_of(tmp_path, 1)["arrays"]["saved"])
+    assert sorted(ours) == sorted(orbax_says) and ours
+    for path, meta in orbax_says.items():
+        assert ours[path].shape == tuple(meta.shape), path
+        assert ours[path].dtype == np.dtype(meta.dtype), path
+        assert ours[path].scalar == isinstance(meta, ocp.metadata.ScalarMetadata), path
+
+
+def test_a_restore_into_a_target_checks_it_without_orbax_metadata(tmp_path, monkeypatch):
+    saved, target = case_flax_train_state_at_create()
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, saved)
+
+    def unused(*_):
+        raise AssertionError("Orbax's per-array metadata was read")
+    monkeypatch.setattr(orbax_io, "item_metadata", unused)
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert_same_pytree(m.restore(1, target=target), target, saved)
+        params = m.restore(1, target=target.params, subtree="params")
+        assert_same_pytree(params, target.params, saved.params)
+        wrong = target.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                   target.params))
+        with pytest.raises(RestoreStructureError, match="checkpoint dtype float32, target "
+                                                        "dtype bfloat16"):
+            m.restore(1, target=wrong)
+
+
+def test_a_manifest_without_the_record_is_checked_by_orbax_metadata(tmp_path):
+    """Manifests written before the record existed: the target is checked as before."""
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"w": jnp.arange(4.0), "step": 3})
+    manifest = manifest_of(tmp_path, 1)
+    del manifest["arrays"]["saved"]
+    (tmp_path / "1" / "jaxckpt_manifest.json").write_text(json.dumps(manifest))
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.verify() == {1: []}
+        out = m.restore(1, target={"w": jnp.zeros(4), "step": 0})
+        assert out["step"] == 3 and np.array_equal(out["w"], np.arange(4.0))
+        with pytest.raises(RestoreStructureError, match="w: checkpoint dtype float32"):
+            m.restore(1, target={"w": jnp.zeros(4, jnp.int32), "step": 0})
+
+
+@pytest.mark.parametrize("damage", [{"shape": "four"}, {"shape": [4], "dtype": "float33"},
+                                    {"dtype": "float32"}, "w"])
+def test_a_damaged_record_sets_that_checkpoint_aside(tmp_path, damage):
+    with CheckpointManager(tmp_path, jaxckpt.CheckpointPolicy(keep_latest=2)) as m:
+        m.save(1, {"w": jnp.arange(4.0)})
+        m.save(2, {"w": jnp.arange(4.0) + 1})
+    manifest = manifest_of(tmp_path, 2)
+    manifest["arrays"]["saved"]["w"] = damage
+    (tmp_path / "2" / "jaxckpt_manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="malformed saved leaf record for 'w'"):
+        m = CheckpointManager(tmp_path, read_only=True)  # found by the cheap check at open
+    with m, pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[2\].*malformed"):
+        out = m.restore("latest", target={"w": jnp.zeros(4)})
+    assert np.array_equal(out["w"], np.arange(4.0)) and m.steps() == [1]
