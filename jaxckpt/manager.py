@@ -32,18 +32,19 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import jax
 
-from jaxckpt import fingerprint, integrity, opening, orbax_io, storage
+from jaxckpt import fingerprint, integrity, opening, orbax_io, reader, storage
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
 from jaxckpt import target as target_lib
 from jaxckpt.catalog import Catalog, Which, check_writable
-from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.ledger import Entry
 from jaxckpt.policy import CheckpointPolicy, Record
+from jaxckpt.reader import Checkpoint
 from jaxckpt.schedule import AutoInterval
 from jaxckpt.writer import Writer
 
@@ -51,16 +52,6 @@ __all__ = ["CheckpointManager", "Checkpoint", "HISTORY_FILE"]
 
 log = logging.getLogger("jaxckpt")
 HISTORY_FILE = fmt.HISTORY_FILE
-
-
-class Checkpoint(NamedTuple):
-    """A restored checkpoint: the state and everything saved beside it."""
-
-    step: int
-    state: Any
-    metrics: dict[str, float] | None
-    epoch: int | None
-    data_state: Any
 
 
 class CheckpointManager:
@@ -358,32 +349,7 @@ class CheckpointManager:
         self._check_open()
         path = orbax_io.as_subtree(subtree)
         self._finish_pending()
-        while True:
-            step = self._catalog.resolve_verified(which, checksums=not path)
-            verdict = self._catalog.verdicts.get(step)
-            try:
-                state = orbax_io.restore_state(
-                    self._dir / str(step), target, step=step, subtree=path,
-                    fingerprints=verdict and verdict.arrays, saved=verdict and verdict.saved)
-                meta = self._catalog.read_meta(step)
-                data_state = self._catalog.read_data_state(step)
-            except orbax_io.ArraysCorrupt as e:
-                self._catalog.set_aside(integrity.Verdict(step, e.problems))
-                if not isinstance(which, str):
-                    raise CheckpointCorruptError(
-                        self._catalog.corrupt_message(self._catalog.corrupt[step])) from None
-                continue  # resolve_verified names it in its "skipped" warning
-            except Exception:
-                if (self._dir / str(step)).exists():
-                    raise
-                # Deleted by the run writing there while this one read it: look again.
-                self._catalog.scan(warn=self._warn_corrupt)
-                if not isinstance(which, str):
-                    raise CheckpointNotFoundError(
-                        f"checkpoint {step} in {self._dir} was deleted while it was being "
-                        f"read (by the run writing there); available: {self.steps()}.")
-                continue
-            return Checkpoint(step, state, meta.get("metrics"), meta.get("epoch"), data_state)
+        return reader.read(self._catalog, which, target, path, warn=self._warn_corrupt)
 
     def restore_data_state(self, which: Which = "latest") -> Any:
         """The data iterator state saved with checkpoint ``which`` (None if none was)."""
@@ -416,32 +382,7 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {steps[0]} in {self._dir}; available steps: "
                 f"{everything or 'none'}.")
-        out, unverified = {}, []
-        for s in steps:
-            verdict = self._catalog.examine(s, checksums=checksums)
-            if verdict is None:
-                continue  # deleted by a live writer meanwhile
-            if checksums and verdict.ok and verdict.arrays is not None:
-                verdict = self._verify_arrays(s, verdict)
-            problems = list(verdict.problems)
-            if verdict.ok and not verdict.has_manifest:
-                unverified.append(s)
-                if strict:
-                    problems = [verdict.describe()]
-            out[s] = problems
-        if unverified and not strict:
-            warnings.warn(self._catalog.unverified_message(unverified), stacklevel=2)
-        return out
-
-    def _verify_arrays(self, step: int, verdict: integrity.Verdict) -> integrity.Verdict:
-        """Read the state once and compare it with its saved fingerprints."""
-        try:
-            orbax_io.restore_state(self._dir / str(step), None, step=step,
-                                   fingerprints=verdict.arrays)
-        except orbax_io.ArraysCorrupt as e:
-            verdict = integrity.Verdict(step, e.problems)
-            self._catalog.set_aside(verdict)
-        return verdict
+        return reader.verify(self._catalog, steps, checksums=checksums, strict=strict)
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` now (for ``jaxckpt prune``); its metrics stay in

@@ -1,0 +1,95 @@
+"""Reading checkpoints back: restore and verify, each byte read once.
+
+A restore resolves ``which`` in the catalog (sizes and small files' checksums), reads the
+state through Orbax once, and compares the arrays it read with the fingerprints taken
+when they were saved. ``"latest"``/``"best"`` fall back to the next checkpoint when one
+fails; a step a live writer deletes meanwhile is looked up again. Runs on the calling
+thread, which owns the catalog.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from jaxckpt import integrity, orbax_io
+from jaxckpt.catalog import Catalog, Which
+from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
+
+__all__ = ["Checkpoint", "read", "verify"]
+
+
+class Checkpoint(NamedTuple):
+    """A restored checkpoint: the state and everything saved beside it."""
+
+    step: int
+    state: Any
+    metrics: dict[str, float] | None
+    epoch: int | None
+    data_state: Any
+
+
+def read(catalog: Catalog, which: Which, target: Any, subtree: tuple[str, ...], *,
+         warn: Callable[[str], None]) -> Checkpoint:
+    """Checkpoint ``which`` restored into ``target`` (see ``CheckpointManager.restore``)."""
+    directory = catalog.directory
+    while True:
+        step = catalog.resolve_verified(which, checksums=not subtree, stacklevel=5)
+        verdict = catalog.verdicts.get(step)
+        try:
+            state = orbax_io.restore_state(
+                directory / str(step), target, step=step, subtree=subtree,
+                fingerprints=verdict and verdict.arrays, saved=verdict and verdict.saved)
+            meta = catalog.read_meta(step)
+            data_state = catalog.read_data_state(step)
+        except orbax_io.ArraysCorrupt as e:
+            catalog.set_aside(integrity.Verdict(step, e.problems))
+            if not isinstance(which, str):
+                raise CheckpointCorruptError(catalog.corrupt_message(catalog.corrupt[step])) \
+                    from None
+            continue  # resolve_verified names it in its "skipped" warning
+        except Exception:
+            if (directory / str(step)).exists():
+                raise
+            # Deleted by the run writing there while this one read it: look again.
+            catalog.scan(warn=warn)
+            if not isinstance(which, str):
+                raise CheckpointNotFoundError(
+                    f"checkpoint {step} in {directory} was deleted while it was being read "
+                    f"(by the run writing there); available: {catalog.steps()}.") from None
+            continue
+        return Checkpoint(step, state, meta.get("metrics"), meta.get("epoch"), data_state)
+
+
+def verify(catalog: Catalog, steps: list[int], *, checksums: bool,
+           strict: bool) -> dict[int, list[str]]:
+    """``{step: problems}`` for ``steps`` (see ``CheckpointManager.verify``)."""
+    out, unverified = {}, []
+    for step in steps:
+        verdict = catalog.examine(step, checksums=checksums)
+        if verdict is None:
+            continue  # deleted by a live writer meanwhile
+        if checksums and verdict.ok and verdict.arrays is not None:
+            verdict = _verify_arrays(catalog, verdict)
+        problems = list(verdict.problems)
+        if verdict.ok and not verdict.has_manifest:
+            unverified.append(step)
+            if strict:
+                problems = [verdict.describe()]
+        out[step] = problems
+    if unverified and not strict:
+        warnings.warn(catalog.unverified_message(unverified), stacklevel=3)
+    return out
+
+
+def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Verdict:
+    """Read the state once and compare it with its saved fingerprints."""
+    step = verdict.step
+    try:
+        orbax_io.restore_state(catalog.directory / str(step), None, step=step,
+                               fingerprints=verdict.arrays)
+    except orbax_io.ArraysCorrupt as e:
+        verdict = integrity.Verdict(step, e.problems)
+        catalog.set_aside(verdict)
+    return verdict
