@@ -55,6 +55,7 @@ class Catalog:
     # Meta records read so far: opening a directory asks for each one several times (to
     # rank it, for the stored policy, for the ledger); a committed record never changes.
     _metas: dict[int, dict] = dataclasses.field(default_factory=dict, repr=False)
+    _data: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     # -- scanning ----------------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class Catalog:
 
     def _scan(self, warn: Callable[[str], None] | None) -> None:
         self._metas.clear()
+        self._data.clear()
         self.records.clear()
         self.verdicts.clear()
         self.corrupt.clear()
@@ -89,6 +91,8 @@ class Catalog:
         step_dir = self.directory / str(step)
         try:
             verdict = integrity.check(step_dir, step, checksums=checksums)
+            if verdict.records and fmt.META in verdict.records:
+                self._metas[step] = verdict.records[fmt.META]  # read by the check
             record = self._record(step, verdict) if verdict.ok else None
             if not verdict.ok and not step_dir.exists():
                 raise FileNotFoundError(step_dir)  # renamed away while it was read
@@ -98,6 +102,9 @@ class Catalog:
         self.verdicts.pop(step, None)
         self.corrupt.pop(step, None)
         self.incomplete.pop(step, None)
+        self._data.pop(step, None)
+        if verdict.records and fmt.DATA_STATE in verdict.records:
+            self._data[step] = verdict.records[fmt.DATA_STATE]
         if verdict.incomplete:
             log.debug("step %d in %s is incomplete (%s): ignored", step, self.directory,
                       verdict.describe())
@@ -120,7 +127,8 @@ class Catalog:
                 self.forget(step)
 
     def forget(self, step: int) -> None:
-        for table in (self.records, self.verdicts, self.corrupt, self.incomplete, self._metas):
+        for table in (self.records, self.verdicts, self.corrupt, self.incomplete, self._metas,
+                      self._data):
             table.pop(step, None)
 
     def add(self, step: int, record: Record) -> None:
@@ -184,6 +192,8 @@ class Catalog:
 
     def read_data_state(self, step: int) -> Any:
         """The data iterator state saved with ``step`` (None when none was)."""
+        if step in self._data:  # read (and schema-checked) by the last check
+            return fmt.decode_data_state(self._data[step])
         path = self.directory / str(step) / fmt.DATA_STATE / "metadata"
         try:
             stored = json.loads(storage.read_text(path, timeout=self.timeout))

@@ -78,6 +78,9 @@ class Verdict:
     arrays: Any = None
     """Version-2 manifests: ``{leaf path: fingerprint}`` of the state item, to compare
     with the restored arrays (the files' bytes were not read to produce this verdict)."""
+    records: Any = None
+    """jaxckpt's JSON records read by the check (``{"meta": ..., "data_state": ...}``,
+    those that passed their schema), so nobody reads them again."""
     saved: Any = None
     """Version-2 manifests (newer ones): ``{leaf path: {"shape", "dtype"[, "scalar"]}}`` of
     the state item (:class:`jaxckpt.target.SavedLeaf`), to check a restore target."""
@@ -106,14 +109,11 @@ class Verdict:
 
 
 def _files(step_dir: epath.Path) -> dict[str, int]:
-    """Relative POSIX path -> size of every file under ``step_dir`` except the manifest
-    and temporary files (a manifest half-written by a killed writer)."""
+    """Relative POSIX path -> size of every file under ``step_dir`` (the manifest too),
+    except temporary files (a manifest half-written by a killed writer)."""
     storage.forget_cached_listings(step_dir)  # what is there now, not a cached listing
-    return {rel: size for rel, size in storage.walk_files(step_dir) if not _ignored(rel)}
-
-
-def _ignored(rel: str) -> bool:
-    return rel == MANIFEST_FILE or fmt.is_temp(rel.rsplit("/", 1)[-1])
+    return {rel: size for rel, size in storage.walk_files(step_dir)
+            if not fmt.is_temp(rel.rsplit("/", 1)[-1])}
 
 
 _EXTEND: dict[str, Callable[[int, bytes], int]] = {
@@ -152,6 +152,8 @@ def build_manifest(step_dir: epath.Path, step: int, arrays: dict | None = None,
     """
     files = {}
     for rel, size in sorted(_files(step_dir).items()):
+        if rel == MANIFEST_FILE:
+            continue
         files[rel] = {"size": size}
         if arrays is None or size <= SMALL_FILE:
             files[rel][algorithm] = checksum_of(step_dir / rel, algorithm)
@@ -293,46 +295,74 @@ def writer_of(step_dir: epath.Path) -> Writer:
     return "unknown"
 
 
+def _writer_from_listing(step_dir: epath.Path, names: set[str]) -> Writer:
+    """:func:`writer_of`, answered from a listing of the step (no request per file)."""
+    if storage.is_remote(step_dir) and fmt.COMMIT_MARKER not in names:
+        return "unknown"
+    if MANIFEST_FILE in names or any(n.startswith(fmt.META + "/") for n in names):
+        return "jaxckpt"
+    return "orbax" if fmt.ORBAX_METADATA in names else "unknown"
+
+
 def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
     """Check checkpoint ``step`` in ``step_dir`` against its manifest.
+
+    One listing of the step answers every question of presence and size; each small file
+    is read once, for its checksum and (jaxckpt's JSON records) its schema. On an object
+    store that is a request per small file, not several.
 
     Args:
       step_dir: the step's directory.
       step: its step number (must match the manifest and meta).
-      checksums: also read every file and compare its checksum (else sizes only: a
-        ``stat`` per file, which finds truncated and missing files, not changed bytes).
+      checksums: also compare the small files' checksums (else sizes only: the listing,
+        which finds truncated and missing files, not changed bytes).
 
     Raises:
       FileNotFoundError: ``step_dir`` no longer exists (deleted by its writer meanwhile).
     """
-    if not step_dir.exists():
-        raise FileNotFoundError(f"{step_dir} no longer exists")
-    writer = writer_of(step_dir)
-    if not committed(step_dir):
-        return Verdict(step, (f"{fmt.COMMIT_MARKER}: missing (a write in flight, or one "
-                              "whose writer died)",), has_manifest=False, writer=writer,
-                       incomplete=True)
-    if writer != "jaxckpt":
-        complete = (step_dir / fmt.ORBAX_METADATA).exists()
-        return Verdict(step, () if complete else (f"{fmt.ORBAX_METADATA}: missing",),
-                       has_manifest=False, writer=writer, incomplete=not complete)
-    missing = tuple(f"{rel}: missing" for rel in fmt.COMMIT_FILES
-                    if not (step_dir / rel).exists())
-    if missing:
-        return Verdict(step, missing, has_manifest=(step_dir / MANIFEST_FILE).exists(),
-                       incomplete=True)
-    manifest, problems = read_manifest(step_dir, step)
-    if problems:
-        return Verdict(step, tuple(problems))
-    problems = _json_problems(step_dir, step, manifest)
-    if manifest is None:
-        return Verdict(step, tuple(problems), has_manifest=False)
     try:
         on_disk = _files(step_dir)
     except FileNotFoundError:
         raise
     except OSError as e:
-        return Verdict(step, (*problems, f".: cannot list the checkpoint directory ({e})"))
+        return Verdict(step, (f".: cannot list the checkpoint directory ({e})",))
+    if not on_disk and not step_dir.exists():
+        raise FileNotFoundError(f"{step_dir} no longer exists")
+    names = set(on_disk)
+    on_disk.pop(MANIFEST_FILE, None)
+    writer = _writer_from_listing(step_dir, names)
+    if storage.is_remote(step_dir) and fmt.COMMIT_MARKER not in names:
+        return Verdict(step, (f"{fmt.COMMIT_MARKER}: missing (a write in flight, or one "
+                              "whose writer died)",), has_manifest=False, writer=writer,
+                       incomplete=True)
+    if writer != "jaxckpt":
+        complete = fmt.ORBAX_METADATA in names
+        return Verdict(step, () if complete else (f"{fmt.ORBAX_METADATA}: missing",),
+                       has_manifest=False, writer=writer, incomplete=not complete)
+    missing = tuple(f"{rel}: missing" for rel in fmt.COMMIT_FILES if rel not in names)
+    if missing:
+        return Verdict(step, missing, has_manifest=MANIFEST_FILE in names, incomplete=True)
+    manifest, problems = read_manifest(step_dir, step)
+    if problems:
+        return Verdict(step, tuple(problems))
+    contents: dict[str, bytes] = {}  # the small files read for their checksums
+    if manifest is not None:
+        problems = _file_problems(step_dir, manifest, on_disk, checksums, contents)
+    records, json_problems = _json_records(step_dir, step, manifest, contents)
+    problems = json_problems + problems
+    if manifest is None:
+        return Verdict(step, tuple(problems), has_manifest=False, records=records)
+    arrays = manifest.get("arrays", {})
+    return Verdict(step, tuple(problems), arrays=arrays.get("leaves"),
+                   saved=arrays.get("saved"), records=records)
+
+
+def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int],
+                   checksums: bool, contents: dict[str, bytes]) -> list[str]:
+    """Every manifest entry against the listing; small files' checksums when asked (the
+    bytes read are kept in ``contents``)."""
+    problems = []
+    algorithm = manifest["algorithm"]
     for rel, entry in manifest["files"].items():
         # A listed file is a real file or a symlink (a symlinked directory is not walked).
         if storage.is_link(step_dir / rel) and not storage.inside(step_dir, step_dir / rel):
@@ -341,10 +371,13 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
             problems.append(f"{rel}: missing")
         elif on_disk[rel] != entry["size"]:
             problems.append(f"{rel}: size {on_disk[rel]} bytes, manifest says {entry['size']}")
-        elif checksums and manifest["algorithm"] in entry:
-            algorithm = manifest["algorithm"]
+        elif checksums and algorithm in entry:
             try:
-                crc = checksum_of(step_dir / rel, algorithm)
+                if entry["size"] <= SMALL_FILE:
+                    contents[rel] = (step_dir / rel).read_bytes()
+                    crc = _EXTEND[algorithm](0, contents[rel])
+                else:
+                    crc = checksum_of(step_dir / rel, algorithm)
             except FileNotFoundError:
                 raise
             except OSError as e:
@@ -353,22 +386,24 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
             if crc != entry[algorithm]:
                 problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
                                 f"says {entry[algorithm]:#010x})")
-    arrays = manifest.get("arrays", {})
-    return Verdict(step, tuple(problems), arrays=arrays.get("leaves"), saved=arrays.get("saved"))
+    return problems
 
 
 # -- the JSON files jaxckpt writes into each step ------------------------------------------
 
 
-def _json_problems(step_dir: epath.Path, step: int, manifest: dict | None) -> list[str]:
-    """Schema problems of jaxckpt's JSON items. A missing ``data_state`` is a problem
-    only when the manifest lists it (a step saved without one has none)."""
-    problems = []
-    for rel, validate in ((f"{fmt.META}/metadata", lambda d: fmt.validate_meta(d, step)),
-                          (f"{fmt.DATA_STATE}/metadata", fmt.validate_data_state)):
+def _json_records(step_dir: epath.Path, step: int, manifest: dict | None,
+                  contents: dict[str, bytes]) -> tuple[dict[str, Any], list[str]]:
+    """jaxckpt's JSON items that pass their schema (``{item: record}``) and the schema
+    problems of the others. A missing ``data_state`` is a problem only when the manifest
+    lists it (a step saved without one has none)."""
+    records, problems = {}, []
+    for item, validate in ((fmt.META, lambda d: fmt.validate_meta(d, step)),
+                           (fmt.DATA_STATE, fmt.validate_data_state)):
+        rel = f"{item}/metadata"
         path = step_dir / rel
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(contents[rel] if rel in contents else path.read_bytes())
         except FileNotFoundError:
             if manifest is not None and rel in manifest["files"]:
                 problems.append(f"{rel}: missing")
@@ -376,5 +411,8 @@ def _json_problems(step_dir: epath.Path, step: int, manifest: dict | None) -> li
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             problems.append(f"{rel}: not readable JSON ({e})")
             continue
-        problems += [f"{rel}: {p}" for p in validate(data)]
-    return problems
+        found = [f"{rel}: {p}" for p in validate(data)]
+        problems += found
+        if not found:
+            records[item] = data
+    return records, problems

@@ -178,6 +178,8 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
         fit it (each names the keys the checkpoint has).
       ArraysCorrupt: the restored arrays differ from their saved fingerprints.
     """
+    if fingerprints is not None or saved is not None:  # jaxckpt's: its item is known
+        return _restore_into(step_dir / fmt.STATE, target, step, subtree, fingerprints, saved)
     if is_bare_pytree(step_dir):
         return _restore_into(step_dir, target, step, subtree)
     items = pytree_items(step_dir)
