@@ -9,12 +9,14 @@ arrays themselves when ``save`` was called (:mod:`jaxckpt.fingerprint`)::
         {"format": "jaxckpt-manifest/2", "step": 50, "algorithm": "crc32c",
          "files": {"state/manifest.ocdbt": {"size": 114, "crc32c": 2271104343},
                    "state/d/1f0c...": {"size": 33554432}, ...},
-         "arrays": {"item": "state", "leaves": {"params/w": {"crc32c": 93112...}, ...}}}
+         "arrays": {"item": "state", "leaves": {"params/w": {"crc32c": 93112...}, ...},
+                    "saved": {"params/w": {"shape": [4, 4], "dtype": "float32"}, ...}}}
 
 So a save reads back kilobytes, not the state, and a restore reads each byte once: Orbax
 reads the arrays, the manager compares them with their fingerprints (:class:`Verdict`
-carries them). :func:`check` compares sizes always (a ``stat`` per file) and small files'
-checksums when asked. Version-1 manifests (a CRC of every file, older jaxckpt; zlib's
+carries them) and check the target against each leaf's saved shape and dtype.
+:func:`check` compares sizes always (one listing of the step) and small files' checksums
+when asked. Version-1 manifests (a CRC of every file, older jaxckpt; zlib's
 CRC-32 or CRC-32C) are still read and checked in full. A CRC guards against truncation,
 flipped bits and lost files, not against an attacker, who could rewrite the manifest too;
 what keeps a crafted checkpoint from running code is that nothing in it is loaded with
