@@ -29,9 +29,12 @@ so when it restores one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
+import os
 import posixpath
 import zlib
 from typing import Any, Callable, Literal
@@ -363,7 +366,7 @@ def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int]
                    checksums: bool, contents: dict[str, bytes]) -> list[str]:
     """Every manifest entry against the listing; small files' checksums when asked (the
     bytes read are kept in ``contents``)."""
-    problems = []
+    problems, to_check = [], []
     algorithm = manifest["algorithm"]
     for rel, entry in manifest["files"].items():
         # A listed file is a real file or a symlink (a symlinked directory is not walked).
@@ -374,21 +377,45 @@ def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int]
         elif on_disk[rel] != entry["size"]:
             problems.append(f"{rel}: size {on_disk[rel]} bytes, manifest says {entry['size']}")
         elif checksums and algorithm in entry:
-            try:
-                if entry["size"] <= SMALL_FILE:
-                    contents[rel] = (step_dir / rel).read_bytes()
-                    crc = _EXTEND[algorithm](0, contents[rel])
-                else:
-                    crc = checksum_of(step_dir / rel, algorithm)
-            except FileNotFoundError:
-                raise
-            except OSError as e:
-                problems.append(f"{rel}: unreadable ({e})")
-                continue
-            if crc != entry[algorithm]:
-                problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
-                                f"says {entry[algorithm]:#010x})")
+            to_check.append(rel)
+    # Concurrently: each read is a round trip to the store (or a seek on a cold disk).
+    for rel, got in zip(to_check, _pool().map(
+            lambda rel: _read_checksum(step_dir / rel, manifest["files"][rel]["size"],
+                                       algorithm), to_check)):
+        if isinstance(got, FileNotFoundError):
+            raise got
+        if isinstance(got, OSError):
+            problems.append(f"{rel}: unreadable ({got})")
+            continue
+        crc, data = got
+        if data is not None:
+            contents[rel] = data
+        want = manifest["files"][rel][algorithm]
+        if crc != want:
+            problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
+                            f"says {want:#010x})")
     return problems
+
+
+def _read_checksum(path: epath.Path, size: int, algorithm: str
+                   ) -> tuple[int, bytes | None] | OSError:
+    """``(checksum, bytes)`` of a small file (``bytes`` None for a large one, read in
+    chunks), or the error reading it."""
+    try:
+        if size <= SMALL_FILE:
+            data = path.read_bytes()
+            return _EXTEND[algorithm](0, data), data
+        return checksum_of(path, algorithm), None
+    except OSError as e:
+        return e
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="jaxckpt-read")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has no such threads
 
 
 # -- the JSON files jaxckpt writes into each step ------------------------------------------
