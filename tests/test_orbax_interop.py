@@ -249,6 +249,21 @@ def test_cli_ranks_a_plain_orbax_directory_by_monitor_and_mode(tmp_path):
     assert out.returncode == 2 and "--mode needs --monitor" in out.stderr
 
 
+def test_a_directory_of_orbax_v1_training_checkpointer_is_read(tmp_path):
+    """Orbax's newer API names its PyTree item "state", like jaxckpt: still Orbax's."""
+    directory = tmp_path / "v1"
+    with ocp.v1.training.Checkpointer(directory) as checkpointer:
+        for step in STEPS:
+            checkpointer.save_pytree(step, state_at(step), metrics={"val_loss": VAL_LOSS[step]})
+    with CheckpointManager(directory, POLICY, read_only=True) as m:
+        assert m.steps() == list(STEPS) and m.best_step() == 20
+        assert {v.writer for v in m.verdicts().values()} == {"orbax"}
+        assert_same(m.restore("best", target=abstract(state_at(0))), state_at(20))
+        assert_same(m.restore(30), as_numpy(state_at(30)))
+    with pytest.raises(jaxckpt.CheckpointDirectoryError, match="written by plain Orbax"):
+        CheckpointManager(directory, POLICY)
+
+
 # -- the other direction: plain Orbax reads what jaxckpt wrote -----------------------------
 
 
