@@ -11,7 +11,11 @@ import collections
 import concurrent.futures
 from typing import Any, Callable
 
-__all__ = ["Background"]
+__all__ = ["Background", "StillRunning"]
+
+
+class StillRunning(TimeoutError):
+    """A background task outlived its deadline; it stays queued and keeps running."""
 
 
 class Background:
@@ -35,13 +39,13 @@ class Background:
         """Wait for every task; raise the first error (the rest still run to the end).
 
         Raises:
-          TimeoutError: a task did not finish within ``timeout`` seconds (it stays queued).
+          StillRunning: a task did not finish within ``timeout`` seconds (it stays queued).
         """
         while self._futures:
             future = self._futures[0]
             concurrent.futures.wait([future], timeout=timeout)
             if not future.done():
-                raise TimeoutError(f"a background task ran for more than {timeout:.0f} s")
+                raise StillRunning(f"a background task ran for more than {timeout:.0f} s")
             self._futures.popleft().result()
 
     def settle(self, timeout: float | None = None) -> list[BaseException]:
@@ -55,5 +59,10 @@ class Background:
                 errors.append(future.exception())
         return errors
 
-    def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait)
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the thread once its tasks are done; False if they outlast ``timeout``
+        seconds (then they are left to run on, or to hang on a stalled store)."""
+        running = concurrent.futures.wait(self._futures, timeout=timeout).not_done
+        self._futures.clear()
+        self._pool.shutdown(wait=not running)
+        return not running

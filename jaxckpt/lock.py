@@ -100,14 +100,23 @@ class DirectoryLock:
     Args:
       directory: the checkpoint directory (local or ``gs://``).
       heartbeat_s, stale_after_s: see :data:`HEARTBEAT_S`, :data:`STALE_AFTER_S`.
+      timeout: deadline of each read or write of the lock on an object store (the
+        manager's ``storage_timeout_s``); a heartbeat waits at most a quarter of
+        ``stale_after_s``, so that a stall is reported well before a takeover.
     """
 
     def __init__(self, directory: epath.Path, *, heartbeat_s: float | None = None,
-                 stale_after_s: float | None = None):
+                 stale_after_s: float | None = None,
+                 timeout: float | None = storage.DEFAULT_TIMEOUT_S):
         self.directory = directory
         self.path = directory / LOCK_FILE
         self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
         self.stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
+        self.timeout = timeout
+        self.beat_timeout = max(self.stale_after_s / 4, 1.0)
+        if timeout is not None:
+            self.beat_timeout = min(self.beat_timeout, timeout)
+        self._beating = threading.Lock()  # held while a heartbeat waits for the store
         self.run_id = uuid.uuid4().hex
         self._local = "://" not in str(directory)
         self._stop = threading.Event()
@@ -171,15 +180,23 @@ class DirectoryLock:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         _held.pop(self.run_id, None)
-        try:
+
+        def remove():
             owner = self._read()
             if owner is not None and owner.get("run_id") == self.run_id:
-                self.path.unlink()
-        except OSError as e:
+                self._io(self.path.unlink, "removing")
+        try:  # no longer than a heartbeat: a lock left behind is taken over once stale
+            storage.call(remove, what="removing the lock", path=self.path,
+                         timeout=self.beat_timeout)
+        except OSError as e:  # a StorageTimeoutError too: a stalled store
             log.warning("could not remove the lock %s (%s); the next run takes it over "
                         "as stale", self.path, e)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _io(self, fn, what: str, *args):
+        """``fn(*args)`` on the lock file, with the deadline of a storage call."""
+        return storage.call(fn, *args, what=what, path=self.path, timeout=self.timeout)
 
     def _record(self) -> dict:
         now = time.time()
@@ -191,7 +208,7 @@ class DirectoryLock:
     def _read(self) -> dict | None:
         """The lock's owner record; None when there is no lock; ``{}`` when unreadable."""
         try:
-            text = self.path.read_text()
+            text = self._io(self.path.read_text, "reading")
         except FileNotFoundError:
             return None
         except UnicodeDecodeError:  # garbage bytes: a damaged lock, judged stale below
@@ -206,7 +223,7 @@ class DirectoryLock:
         """Create the lock naming this run; False when another run's lock appeared first."""
         text = json.dumps(self._record())
         if not self._local:
-            self.path.write_text(text)
+            self._io(self.path.write_text, "writing", text)
             time.sleep(0.2)  # let a concurrent writer's object land, then read back
             owner = self._read()
             return owner is not None and owner.get("run_id") == self.run_id
@@ -292,7 +309,7 @@ class DirectoryLock:
 
     def _modified(self) -> float | None:
         try:
-            return self.path.stat().mtime
+            return self._io(self.path.stat, "looking up").mtime
         except (OSError, AttributeError):
             return None
 
@@ -312,6 +329,8 @@ class DirectoryLock:
         """One heartbeat; False when the lock was lost (the thread then stops)."""
         try:
             owner = self._read()
+            if self._stop.is_set():  # released while this beat waited for a stalled store
+                return False
             if owner is None:  # deleted by hand: take it back unless someone else did
                 if not self._create():
                     owner = self._read() or {}
@@ -323,7 +342,7 @@ class DirectoryLock:
                 return False
             owner["heartbeat"] = time.time()
             if not self._local:  # an object is replaced whole; object stores cannot rename
-                self.path.write_text(json.dumps(owner))
+                self._io(self.path.write_text, "writing", json.dumps(owner))
                 self._write_error = None
                 return True
             tmp = self.directory / f".{LOCK_FILE}.{self.run_id}.{uuid.uuid4().hex[:8]}.tmp"
@@ -348,16 +367,27 @@ def _heartbeat(ref: "weakref.ref[DirectoryLock]", stop: threading.Event) -> None
         lock = ref()
         if lock is None:
             return
+        if not lock._beating.acquire(blocking=False):
+            del lock
+            continue  # the last beat still waits for a stalled store: warned already
         try:  # a stalled store must not stop the heartbeat silently
-            alive = storage.call(lock._beat, what="refreshing the lock", path=lock.path,
-                                 timeout=max(lock.stale_after_s / 4, 1.0))
+            alive = storage.call(_beat_once, lock, what="refreshing the lock",
+                                 path=lock.path, timeout=lock.beat_timeout)
         except storage.StorageTimeoutError as e:
-            log.warning("%s; the lock is taken over by another run if this lasts more "
-                        "than %.0f s", e, lock.stale_after_s)
+            log.warning("%s did not finish within %.0f s (a stalled store?); another run "
+                        "may take this run's lock over if this lasts more than %.0f s",
+                        e.operation, e.timeout_s, lock.stale_after_s)
             alive = True
         if not alive:
             return
         del lock
+
+
+def _beat_once(lock: DirectoryLock) -> bool:
+    try:
+        return lock._beat()
+    finally:
+        lock._beating.release()
 
 
 @atexit.register

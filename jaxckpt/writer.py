@@ -10,6 +10,7 @@ failure there is raised at the next call, after the catalog has been re-read fro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -18,7 +19,7 @@ from etils import epath
 from jaxckpt import fingerprint, integrity, orbax_io, storage
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
-from jaxckpt.background import Background
+from jaxckpt.background import Background, StillRunning
 from jaxckpt.catalog import Catalog
 from jaxckpt.errors import CheckpointDirectoryError, CheckpointWriteError, write_error
 from jaxckpt.ledger import Ledger
@@ -47,6 +48,9 @@ class Writer:
         self.ocp = self._new_orbax()
         self.background = Background()
         self._last_flush = time.monotonic()
+        self._doing = "background work"  # what the background thread does now, for errors
+        self._abandoned = threading.Event()  # set by close() past the deadline: a late
+        # task (the store answered again) then writes nothing more
 
     def move_corrupt_aside(self) -> None:
         """Move set-aside checkpoints out of the way, so a resumed run can save their steps."""
@@ -55,12 +59,20 @@ class Writer:
             self.ocp.reload()  # Orbax refuses to save a step it still lists
 
     def close(self) -> None:
-        self.background.shutdown(wait=True)
+        """Finish the background work; past the deadline, abandon it and raise."""
+        if not self.background.shutdown(timeout=self.timeout):
+            self._abandoned.set()
+            raise CheckpointWriteError(
+                f"closing the manager of {self.directory}: {self._doing} did not finish "
+                f"within {self.timeout:.0f} s (a stalled store?); it was abandoned, and this "
+                "manager writes nothing more. Every committed checkpoint is intact.")
         self.ocp.close()
 
     def write(self, step, state, metrics, epoch, data_state, now, value, reason,
                started) -> None:
-        if not self.directory.exists():  # never re-create a directory deleted under the run
+        exists = storage.call(self.directory.exists, what="looking up", path=self.directory,
+                              timeout=self.timeout)
+        if not exists:  # never re-create a directory deleted under the run
             raise CheckpointDirectoryError(
                 f"checkpoint directory {self.directory} was deleted or renamed while this run was "
                 "writing to it; nothing was re-created. Restore it, or save into a new "
@@ -99,14 +111,21 @@ class Writer:
                 started: dict) -> None:
         """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
         what it replaced (never before: an older checkpoint outlives a failed newer one)."""
-        self.ocp.wait_until_finished()
+        step_dir = self.directory / str(step)
+        self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
+        self.ocp.wait_until_finished()  # no deadline of its own: finish_pending has it
         self.ocp.check_for_errors()
-        if self.primary:
-            step_dir = self.directory / str(step)
+        if self.primary and not self._abandoned.is_set():
             arrays = fingerprint.resolve(started)
-            integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step, arrays))
+            self._doing = f"writing the manifest of checkpoint {step} in {step_dir}"
+            storage.call(lambda: integrity.write_manifest(
+                step_dir, integrity.build_manifest(step_dir, step, arrays)),
+                what="writing the manifest in", path=step_dir, timeout=self.timeout)
             for s in stale:  # plain file operations: no collective, safe on this thread
+                if self._abandoned.is_set():  # abandoned after a stall: leave it for the next run
+                    break
                 log.debug("deleting step %d: no longer among the kept checkpoints", s)
+                self._doing = f"deleting checkpoint {s} ({self.directory / str(s)})"
                 storage.remove_tree(self.directory, s, timeout=self.timeout)
         self.auto.observe_save(blocked, time.perf_counter() - start)
 
@@ -123,7 +142,13 @@ class Writer:
             auto_every=self.auto.every, save_cost_s=self.auto.save_cost_s)
         self.ledger.dirty = False
         self._last_flush = time.monotonic()
-        self.background.submit(ledger_lib.write_file, self.directory, snapshot, self.timeout)
+        self.background.submit(self._write_ledger, snapshot)
+
+    def _write_ledger(self, snapshot: dict) -> None:
+        if self._abandoned.is_set():
+            return
+        self._doing = f"writing {self.directory / fmt.HISTORY_FILE}"
+        ledger_lib.write_file(self.directory, snapshot, self.timeout)
 
     def raise_finished(self) -> None:
         try:
@@ -139,10 +164,17 @@ class Writer:
 
     def _after_failure(self, e: Exception) -> None:
         """See what survived on disk, record what was lost, and raise."""
-        if isinstance(e, TimeoutError) and self.background.pending:
+        if isinstance(e, (StillRunning, storage.StorageTimeoutError)):
+            # A stalled store: looking at it again (a rescan, Orbax's close) would stall.
+            self.ledger.dirty = True  # a snapshot may be stuck; the next flush rewrites it
+            own = isinstance(e, storage.StorageTimeoutError)
+            what = (f"{e.operation if own else self._doing} did not finish within "
+                    f"{e.timeout_s if own else self.timeout:.0f} s")
             raise CheckpointWriteError(
-                f"background work in {self.directory} did not finish within {self.timeout:.0f} s "
-                f"(a stalled store?): {e}. Earlier checkpoints are intact.") from e
+                f"{what}: the store stopped answering (or is slower than storage_timeout_s). "
+                "Every committed checkpoint is intact, and the unfinished work goes on if the "
+                "store answers again. Check the store (or the network) and save again, or "
+                "raise CheckpointManager(storage_timeout_s=...).") from e
         for other in self.background.settle(timeout=self.timeout):
             log.error("also failed in the background in %s: %r", self.directory, other)
         self.reset_orbax(e)
