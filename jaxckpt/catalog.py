@@ -37,6 +37,7 @@ __all__ = ["Catalog", "Which", "writers", "check_writable"]
 log = logging.getLogger("jaxckpt")
 
 Which = Literal["latest", "best"] | int
+_TABLES = ("records", "verdicts", "corrupt", "incomplete", "_metas", "_data")
 _BARRIERS = itertools.count()  # every process makes the same calls: the same names
 
 
@@ -65,7 +66,14 @@ class Catalog:
         A step found damaged before stays set aside: a cheap check cannot see what a
         checksum or an array fingerprint saw (only :meth:`examine` of it clears it)."""
         known = dict(self.corrupt)
-        self._scan(warn)
+        before = {name: dict(getattr(self, name)) for name in _TABLES}
+        try:
+            self._scan(warn)
+        except BaseException:  # a stalled store: keep the view this catalog had
+            for name, table in before.items():
+                getattr(self, name).clear()
+                getattr(self, name).update(table)
+            raise
         for step, verdict in known.items():
             if step in self.records:
                 self.set_aside(verdict)
@@ -90,11 +98,12 @@ class Catalog:
         self._metas.pop(step, None)  # read it again: the step may have been replaced
         step_dir = self.directory / str(step)
         try:
-            verdict = integrity.check(step_dir, step, checksums=checksums)
+            verdict = self._io(lambda: integrity.check(step_dir, step, checksums=checksums),
+                               "checking", step_dir)
             if verdict.records and fmt.META in verdict.records:
                 self._metas[step] = verdict.records[fmt.META]  # read by the check
             record = self._record(step, verdict) if verdict.ok else None
-            if not verdict.ok and not step_dir.exists():
+            if not verdict.ok and not self._io(step_dir.exists, "looking up", step_dir):
                 raise FileNotFoundError(step_dir)  # renamed away while it was read
         except FileNotFoundError:
             self.forget(step)
@@ -127,9 +136,8 @@ class Catalog:
                 self.forget(step)
 
     def forget(self, step: int) -> None:
-        for table in (self.records, self.verdicts, self.corrupt, self.incomplete, self._metas,
-                      self._data):
-            table.pop(step, None)
+        for name in _TABLES:
+            getattr(self, name).pop(step, None)
 
     def add(self, step: int, record: Record) -> None:
         """A checkpoint this process just wrote (committed in the background)."""
@@ -148,6 +156,10 @@ class Catalog:
             warn(f"checkpoint {verdict.step} in {self.directory} is corrupt "
                  f"({_summary(verdict.problems)})")
 
+    def _io(self, fn: Callable[[], Any], what: str, path: epath.Path) -> Any:
+        """``fn()`` under the storage deadline (on an object store)."""
+        return storage.call(fn, what=what, path=path, timeout=self.timeout)
+
     # -- reading one step's records -------------------------------------------------------
 
     def read_meta(self, step: int) -> dict:
@@ -162,7 +174,8 @@ class Catalog:
         try:
             meta = json.loads(storage.read_text(path, timeout=self.timeout))
         except FileNotFoundError:
-            if not (self.directory / str(step)).exists():
+            if not self._io((self.directory / str(step)).exists, "looking up",
+                            self.directory / str(step)):
                 raise
             return self._orbax_meta(step)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -174,7 +187,8 @@ class Catalog:
         for rel, pick in (("metrics/metrics", lambda d: d),
                           (fmt.ORBAX_METADATA, lambda d: d.get("metrics"))):
             try:
-                metrics = pick(json.loads((self.directory / str(step) / rel).read_text()))
+                path = self.directory / str(step) / rel
+                metrics = pick(json.loads(self._io(path.read_text, "reading", path)))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 continue
             if isinstance(metrics, dict) and metrics and not fmt.validate_meta(

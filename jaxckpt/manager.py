@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -36,13 +35,11 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from jaxckpt import fingerprint, integrity, opening, orbax_io, reader, storage
+from jaxckpt import integrity, opening, orbax_io, reader, storage
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
-from jaxckpt import target as target_lib
 from jaxckpt.catalog import Catalog, Which, check_writable
 from jaxckpt.errors import CheckpointNotFoundError
-from jaxckpt.ledger import Entry
 from jaxckpt.policy import CheckpointPolicy, Record
 from jaxckpt.reader import Checkpoint
 from jaxckpt.schedule import AutoInterval
@@ -79,7 +76,10 @@ class CheckpointManager:
         ``policy``). Without it, a writing open of such a directory is refused before
         anything is written; ``read_only=True`` lists, verifies and restores it.
       storage_timeout_s: deadline of each storage call jaxckpt makes on an object store,
-        and of ``wait``/``close`` for the background work.
+        and of ``wait``/``close`` for the background work (plus a second per 10 MB of
+        the state being written, so that a big checkpoint is never cut short). Past it,
+        the call raises naming what did not finish; the work goes on if the store
+        answers again, and a later call waits for it again.
       clock: the time source for time-based rules (injectable for tests).
 
     Raises:
@@ -107,7 +107,7 @@ class CheckpointManager:
         stored = ledger_lib.read_file(self._dir, timeout=self._timeout)
         # The lock comes first: Orbax's start-up deletes temporary directories, which are
         # another live writer's in-flight checkpoints until the lock says it is gone.
-        self._dirlock = None if read_only else opening.lock_directory(self._dir)
+        self._dirlock = None if read_only else opening.lock_directory(self._dir, self._timeout)
         try:
             if self._primary and not read_only:
                 storage.finish_deletions(self._dir)
@@ -124,13 +124,11 @@ class CheckpointManager:
                 self._dir, policy=self.policy, catalog=self._catalog, ledger=self._ledger,
                 auto=self._auto, async_save=async_save, primary=self._primary,
                 timeout=self._timeout, last_save_time=(stored or {}).get("last_save_time"),
-                warn_corrupt=self._warn_corrupt)
+                start_time=clock(), warn_corrupt=self._warn_corrupt)
         except BaseException:
             if self._dirlock is not None:
                 self._dirlock.release()
             raise
-        self._start_time = clock()
-        self._warned_no_metrics = False
         self._closed = False
         _open_managers.add(self)
 
@@ -208,10 +206,10 @@ class CheckpointManager:
     # -- saving ------------------------------------------------------------------------------
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
-        """Whether the schedule asks for a save at ``step`` (ask before computing metrics)."""
-        last = (self._writer and self._writer.last_save_time) or self._start_time
-        return self.policy.is_due(fmt.as_int("step", step), epoch=epoch, now=self._clock(),
-                                  last_save_time=last) or self._auto.due(step, self.latest_step())
+        """Whether the schedule asks for a save at ``step`` (ask before computing metrics;
+        a save can still be due for a new best). False for a read-only manager."""
+        step, epoch = fmt.as_int("step", step), fmt.as_int("epoch", epoch, optional=True)
+        return self._writer is not None and self._writer.due(step, epoch, self._clock())
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption signal reached this job (every process agrees), as Orbax's."""
@@ -247,37 +245,8 @@ class CheckpointManager:
         encoded_data = fmt.encode_data_state(data_state) if data_state is not None else None
         self._check_lock()
         self._writer.raise_finished()
-        latest = self.latest_step()
-        if latest is not None and step <= latest:
-            raise ValueError(
-                f"save(step={step}) is not above the latest saved step {latest} in "
-                f"{self._dir}. Steps must increase: resume from restore('latest') and continue "
-                "its step count, or save into a new directory.")
-        if value is not None and not math.isfinite(value):
-            warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: the "
-                          "checkpoint can be kept as latest but never as best.", stacklevel=2)
-            value = None
-        now = self._clock()
-        self._auto.observe_call(step)
-        has_metrics = clean is not None
-        reason = "forced" if force else self._decide(step, epoch, now, value, has_metrics)
-        self._ledger.record(Entry(step, clean, epoch, now, reason is not None))
-        if reason is None:
-            self._writer.maybe_flush_ledger()
-            return False
-        saveable = target_lib.to_saveable(state)  # TypeError names a leaf that cannot be saved
-        started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
-        if self.policy.monitor and clean is None and not force and not self._warned_no_metrics:
-            self._warned_no_metrics = True
-            log.warning("save(step=%d) without metrics: a checkpoint saved without %r can be "
-                        "kept as latest, never best (reported once per manager).",
-                        step, self.policy.monitor)
-        self._writer.finish_pending()  # Orbax writes one checkpoint at a time
-        self._writer.move_corrupt_aside()
-        self._writer.write(step, saveable, clean, epoch, encoded_data, now, value, reason,
-                           started)
-        self._auto.observe_saved(step)
-        return True
+        return self._writer.offer(step, state, clean, epoch, encoded_data, value,
+                                  now=self._clock(), force=force)
 
     def wait(self) -> None:
         """Block until every background write has committed (and raise if one failed)."""
@@ -399,15 +368,7 @@ class CheckpointManager:
             storage.remove_tree(self._dir, step, timeout=self._timeout)
         self._catalog.forget(step)
 
-    # -- internals: deciding and writing ---------------------------------------------------------
-
-    def _decide(self, step: int, epoch: int | None, now: float, value: float | None,
-                has_metrics: bool) -> Any:
-        last = self._writer.last_save_time or self._start_time
-        due = self.policy.is_due(step, epoch=epoch, now=now, last_save_time=last)
-        due = due or self._auto.due(step, self.latest_step())
-        return self.policy.should_save(value, list(self._catalog.records.values()), due=due,
-                                       step=step, time=now, has_metrics=has_metrics)
+    # -- internals ------------------------------------------------------------------------
 
     def _finish_pending(self) -> None:
         if self._writer is not None:

@@ -25,11 +25,12 @@ __all__ = ["lock_directory", "stored_policy", "finish_incomplete", "load_ledger"
 log = logging.getLogger("jaxckpt")
 
 
-def lock_directory(directory: epath.Path) -> DirectoryLock | None:
+def lock_directory(directory: epath.Path,
+                   timeout: float | None = storage.DEFAULT_TIMEOUT_S) -> DirectoryLock | None:
     """Process 0 takes the lock; every process of the job learns whether it did."""
     lock, error = None, None
     if jax.process_index() == 0:
-        lock = DirectoryLock(directory)
+        lock = DirectoryLock(directory, timeout=timeout)
         try:
             lock.acquire()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every process

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from jaxckpt import integrity, orbax_io
+from jaxckpt import integrity, orbax_io, storage
 from jaxckpt.catalog import Catalog, Which
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 
@@ -50,7 +50,8 @@ def read(catalog: Catalog, which: Which, target: Any, subtree: tuple[str, ...], 
                     from None
             continue  # resolve_verified names it in its "skipped" warning
         except Exception:
-            if (directory / str(step)).exists():
+            if storage.call((directory / str(step)).exists, what="looking up",
+                            path=directory / str(step), timeout=catalog.timeout):
                 raise
             # Deleted by the run writing there while this one read it: look again.
             catalog.scan(warn=warn)

@@ -10,19 +10,22 @@ failure there is raised at the next call, after the catalog has been re-read fro
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from typing import Callable
+import warnings
+from typing import Any, Callable
 
 from etils import epath
 
 from jaxckpt import fingerprint, integrity, orbax_io, storage
+from jaxckpt import target as target_lib
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
 from jaxckpt.background import Background, StillRunning
 from jaxckpt.catalog import Catalog
 from jaxckpt.errors import CheckpointDirectoryError, CheckpointWriteError, write_error
-from jaxckpt.ledger import Ledger
+from jaxckpt.ledger import Entry, Ledger
 from jaxckpt.policy import CheckpointPolicy, Record
 from jaxckpt.schedule import AutoInterval
 
@@ -33,18 +36,34 @@ LEDGER_FLUSH_S = 10.0
 """How often a run that saves rarely rewrites ``jaxckpt.json`` (and at wait/close)."""
 
 
+MIN_STORE_BYTES_PER_S = 10e6
+"""The slowest write a healthy store is assumed to sustain: the deadline of a background
+write grows by one second per 10 MB of state, so a big checkpoint is not cut short."""
+
+
+def write_deadline(timeout: float | None, started: dict) -> float | None:
+    """How long ``wait`` waits for the background write of a state (``of_tree``'s
+    record): the storage deadline plus the state's bytes at the slowest healthy speed."""
+    if timeout is None:
+        return None
+    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for _, leaf in started.values())
+    return timeout + nbytes / MIN_STORE_BYTES_PER_S
+
+
 class Writer:
     """Owned by the calling thread, except :meth:`_commit`, which runs on the background
     thread and touches only Orbax, the files and ``auto.observe_save``."""
 
     def __init__(self, directory: epath.Path, *, policy: CheckpointPolicy, catalog: Catalog,
                  ledger: Ledger, auto: AutoInterval, async_save: bool, primary: bool,
-                 timeout: float | None, last_save_time: float | None,
+                 timeout: float | None, last_save_time: float | None, start_time: float,
                  warn_corrupt: Callable[[str], None]):
         self.directory, self.policy, self.catalog = directory, policy, catalog
         self.ledger, self.auto, self.async_save = ledger, auto, async_save
         self.primary, self.timeout, self.warn_corrupt = primary, timeout, warn_corrupt
-        self.last_save_time = last_save_time
+        self.last_save_time, self.start_time = last_save_time, start_time
+        self._warned = False  # about saves without the monitored metric, once
+        self._drain_timeout = timeout  # for the background work: see write_deadline
         self.ocp = self._new_orbax()
         self.background = Background()
         self._last_flush = time.monotonic()
@@ -67,6 +86,52 @@ class Writer:
                 f"within {self.timeout:.0f} s (a stalled store?); it was abandoned, and this "
                 "manager writes nothing more. Every committed checkpoint is intact.")
         self.ocp.close()
+
+    # -- deciding ----------------------------------------------------------------------
+
+    def due(self, step: int, epoch: int | None, now: float) -> bool:
+        """Whether the schedule (the policy's, or ``every="auto"``'s) asks for ``step``."""
+        last = self.last_save_time or self.start_time
+        return self.policy.is_due(step, epoch=epoch, now=now, last_save_time=last) or \
+            self.auto.due(step, self.catalog.latest())
+
+    def offer(self, step: int, state: Any, metrics: dict | None, epoch: int | None,
+              data_state: Any, value: float | None, *, now: float, force: bool) -> bool:
+        """Record ``step`` in the ledger and write it if the policy wants it (arguments
+        already checked by the manager); whether it was written."""
+        latest = self.catalog.latest()
+        if latest is not None and step <= latest:
+            raise ValueError(
+                f"save(step={step}) is not above the latest saved step {latest} in "
+                f"{self.directory}. Steps must increase: resume from restore('latest') and "
+                "continue its step count, or save into a new directory.")
+        if value is not None and not math.isfinite(value):
+            warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: the "
+                          "checkpoint can be kept as latest but never as best.", stacklevel=3)
+            value = None
+        self.auto.observe_call(step)
+        reason = "forced" if force else self.policy.should_save(
+            value, list(self.catalog.records.values()), due=self.due(step, epoch, now),
+            step=step, time=now, has_metrics=metrics is not None)
+        if reason is None:
+            self.ledger.record(Entry(step, metrics, epoch, now, False))
+            self.maybe_flush_ledger()
+            return False
+        saveable = target_lib.to_saveable(state)  # TypeError names a leaf that cannot be saved
+        started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
+        if self.policy.monitor and metrics is None and not force and not self._warned:
+            self._warned = True
+            log.warning("save(step=%d) without metrics: a checkpoint saved without %r can be "
+                        "kept as latest, never best (reported once per manager).",
+                        step, self.policy.monitor)
+        self.finish_pending()  # Orbax writes one checkpoint at a time; raises a failed one
+        self.move_corrupt_aside()
+        self.ledger.record(Entry(step, metrics, epoch, now, True))
+        self.write(step, saveable, metrics, epoch, data_state, now, value, reason, started)
+        self.auto.observe_saved(step)
+        return True
+
+    # -- writing -------------------------------------------------------------------------
 
     def write(self, step, state, metrics, epoch, data_state, now, value, reason,
                started) -> None:
@@ -103,6 +168,7 @@ class Writer:
         log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
                   sorted(kept), stale)
         self.background.submit(self._commit, step, stale, start, blocked, started)
+        self._drain_timeout = write_deadline(self.timeout, started)
         self.maybe_flush_ledger()
         if not self.async_save:
             self.finish_pending()
@@ -158,7 +224,7 @@ class Writer:
 
     def finish_pending(self) -> None:
         try:
-            self.background.drain(timeout=self.timeout)
+            self.background.drain(timeout=self._drain_timeout)
         except Exception as e:
             self._after_failure(e)
 

@@ -261,6 +261,34 @@ def test_disk_full_mid_write_then_bigger_disk(tmp_path):
         restorable(disk / "ckpt", {2: big(2)})
 
 
+def test_a_save_refused_for_an_earlier_failure_is_not_in_the_history_as_saved(tmp_path):
+    """The failure of step 2's background write is raised by save(3): neither step may
+    then count as saved in the history (nor in the next manager's ledger)."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        with CheckpointManager(disk / "ckpt", CheckpointPolicy(keep_latest=1)) as m:
+            m.save(1, {"x": np.arange(10.0)}, metrics={"loss": 1.0})
+            m.wait()
+            m.save(2, {"x": big(2)}, metrics={"loss": 0.5})
+            with pytest.raises(jaxckpt.CheckpointWriteError, match="No space left"):
+                m.save(3, {"x": np.arange(30.0)}, metrics={"loss": 0.25})
+            saved = {e["step"]: e["saved"] for e in m.entries()}
+            assert saved.get(1) is True and saved.get(2) is False and saved.get(3) in (None,
+                                                                                      False)
+            assert m.steps() == [1]
+        with CheckpointManager(disk / "ckpt", read_only=True) as m:
+            assert {e["step"] for e in m.entries() if e["saved"]} == {1}
+
+
+def test_a_save_with_a_leaf_that_cannot_be_saved_records_no_saved_step(tmp_path):
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
+        m.save(1, {"x": np.arange(3.0)})
+        with pytest.raises(TypeError, match="name"):
+            m.save(2, {"x": np.arange(3.0), "name": "run-1"})
+        assert [e["step"] for e in m.entries() if e["saved"]] == [1]
+        m.save(2, {"x": np.arange(3.0) + 1})  # the same step, now saveable
+        assert m.steps() == [1, 2]
+
+
 def test_disk_already_full_then_space_freed(tmp_path):
     with tmpfs(tmp_path / "disk", "2m") as disk:
         with CheckpointManager(disk / "ckpt", CheckpointPolicy(keep_latest=2)) as m:

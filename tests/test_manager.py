@@ -96,6 +96,20 @@ def test_every_n_steps_skips_when_not_due(tmp_path):
         assert np.array_equal(m.restore(15)["x"], np.full((3,), 15))
 
 
+def test_should_save_agrees_with_what_save_does_when_not_forced(tmp_path):
+    now = [0.0]
+    policy = CheckpointPolicy(every_n_steps=3, every_n_epochs=None, keep_latest=3)
+    with CheckpointManager(tmp_path, policy, clock=lambda: now[0]) as m:
+        for step in range(1, 10):
+            asked = m.should_save(np.int64(step))
+            assert m.save(step, {"x": jnp.full((2,), step)}) == asked, step
+        assert m.steps() == [3, 6, 9]
+        with pytest.raises(TypeError, match="step"):
+            m.should_save(3.0)
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.should_save(12) is False  # a reader never saves
+
+
 def test_every_seconds_with_injected_clock(tmp_path):
     now = [0.0]
     policy = CheckpointPolicy(every_seconds=10, keep_latest=5)

@@ -170,9 +170,9 @@ class Writer:
     """The writer subprocess: ``call("save 3")`` answers within ``timeout`` s, or fails
     the test (a hang) with the writer's stacks."""
 
-    def __init__(self, directory: str, env: dict):
+    def __init__(self, directory: str, env: dict, script: str = WRITER):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WRITER), directory, str(DEADLINE_S)],
+            [sys.executable, "-c", textwrap.dedent(script), directory, str(DEADLINE_S)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -302,3 +302,46 @@ def test_a_store_stalling_mid_run_raises_past_the_deadline_and_loses_nothing(gcs
         assert m.latest_step() == 5
         m.save(8, state(8))
     assert restores_exactly(directory, [8]) == [8]
+
+
+READER = """
+    import json, sys, time
+    import gcsfs  # up front: a cold import on two busy cores can outlast the deadline
+    import jaxckpt
+
+    directory, deadline = sys.argv[1], float(sys.argv[2])
+    m = jaxckpt.CheckpointManager(directory, read_only=True, storage_timeout_s=deadline)
+    calls = {"restore": lambda step: sorted(m.restore(int(step))), "steps": m.steps,
+             "reload": m.reload, "verify": lambda: m.verify()}
+    for line in sys.stdin:  # one JSON answer per command
+        name, *args = line.split()
+        t = time.monotonic()
+        try:
+            out = {"result": calls[name](*args), "error": None}
+        except Exception as e:
+            out = {"result": None, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps({"call": line.strip(), "s": time.monotonic() - t, **out}), flush=True)
+"""
+
+
+def test_a_reader_of_a_stalled_store_raises_past_the_deadline(gcs):
+    directory = gcs.gs(f"stall-read-{uuid.uuid4().hex[:8]}")
+    with CheckpointManager(directory, CheckpointPolicy(keep_latest=2)) as m:
+        for step in (1, 2):
+            m.save(step, state(step))
+    proxy = StallingProxy(("127.0.0.1", gcs.port))
+    reader = Writer(directory, {**gcs.subprocess_env(), "JAX_PLATFORMS": "cpu",
+                                "STORAGE_EMULATOR_HOST": proxy.url,
+                                "TENSORSTORE_GCS_HTTP_URL": proxy.url}, script=READER)
+    try:
+        assert reader.ok("steps", timeout=120) == [1, 2]
+        proxy.arm_on(re.compile(rb"(GET|HEAD) "))  # every read from now on
+        for command in ("restore 2", "verify", "reload"):
+            error = stalled(reader.call(command), directory)
+            assert error.startswith("StorageTimeoutError"), error
+        proxy.resume()
+        assert reader.ok("restore 2") == ["b", "w"]
+        assert reader.exit() == 0, _stop(reader.proc)[-3000:]
+    finally:
+        proxy.close()
+        _stop(reader.proc)
