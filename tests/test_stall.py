@@ -119,6 +119,18 @@ def state(step: int) -> dict:
             "b": np.full((8,), step, np.int32)}
 
 
+SERVE = """
+    for line in sys.stdin:  # one JSON answer per command
+        name, *args = line.split()
+        t = time.monotonic()
+        try:
+            out = {"result": calls[name](*args), "error": None}
+        except Exception as e:
+            out = {"result": None, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps({"call": line.strip(), "s": time.monotonic() - t, **out}), flush=True)
+"""
+"""The command loop of a subprocess script (``calls``: name -> function)."""
+
 WRITER = """
     import faulthandler, json, logging, signal, sys, time
     import numpy as np
@@ -145,14 +157,6 @@ WRITER = """
                                   storage_timeout_s=deadline)
     calls = {"save": lambda step: m.save(int(step), state(int(step))), "wait": m.wait,
              "close": m.close, "steps": m.steps, "heartbeat": lambda: heartbeat_warnings}
-    for line in sys.stdin:  # one JSON answer per command
-        name, *args = line.split()
-        t = time.monotonic()
-        try:
-            out = {"result": calls[name](*args), "error": None}
-        except Exception as e:
-            out = {"result": None, "error": f"{type(e).__name__}: {e}"}
-        print(json.dumps({"call": line.strip(), "s": time.monotonic() - t, **out}), flush=True)
 """
 
 
@@ -172,7 +176,8 @@ class Writer:
 
     def __init__(self, directory: str, env: dict, script: str = WRITER):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(script), directory, str(DEADLINE_S)],
+            [sys.executable, "-c", textwrap.dedent(script) + textwrap.dedent(SERVE), directory,
+             str(DEADLINE_S)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -313,14 +318,6 @@ READER = """
     m = jaxckpt.CheckpointManager(directory, read_only=True, storage_timeout_s=deadline)
     calls = {"restore": lambda step: sorted(m.restore(int(step))), "steps": m.steps,
              "reload": m.reload, "verify": lambda: m.verify()}
-    for line in sys.stdin:  # one JSON answer per command
-        name, *args = line.split()
-        t = time.monotonic()
-        try:
-            out = {"result": calls[name](*args), "error": None}
-        except Exception as e:
-            out = {"result": None, "error": f"{type(e).__name__}: {e}"}
-        print(json.dumps({"call": line.strip(), "s": time.monotonic() - t, **out}), flush=True)
 """
 
 
