@@ -265,7 +265,7 @@ class Catalog:
             if step is None and available:
                 raise CheckpointNotFoundError(
                     f"no best checkpoint in {self.directory}: " + (
-                        "the policy monitors no metric" if not self.policy.monitor else
+                        self._no_monitor() if not self.policy.monitor else
                         f"no kept checkpoint has a finite {self.policy.monitor!r}") +
                     f". Restore 'latest' or one of the steps {available}.")
         elif _is_step(which):
@@ -284,6 +284,22 @@ class Catalog:
             raise CheckpointNotFoundError(
                 f"no checkpoints in {self.directory}: nothing has been saved there yet.")
         return step
+
+    def _no_monitor(self) -> str:
+        """Why there is no best without a monitored metric, and which to name."""
+        names = set()
+        for step in self.steps():
+            try:
+                names.update(self.read_meta(step).get("metrics") or {})
+            except FileNotFoundError:
+                continue
+        if not names:
+            return "the policy monitors no metric, and no checkpoint stores metrics"
+        example = sorted(names)[0]
+        return (f"the policy monitors no metric. The checkpoints "
+                f"store {sorted(names)}: open it with policy=jaxckpt.CheckpointPolicy("
+                f"monitor={example!r}), or on the command line pass --monitor {example} "
+                "[--mode min|max]")
 
     def resolve_verified(self, which: Which, *, checksums: bool = True,
                          stacklevel: int = 4) -> int:

@@ -323,10 +323,11 @@ def cmd_best(args) -> int:
     with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         step = mngr.best_step()
         if step is None:
-            reason = ("its policy monitors no metric" if not mngr.policy.monitor else
-                      f"no kept checkpoint has a finite {mngr.policy.monitor!r}")
-            raise CliError(f"no best checkpoint in {mngr.directory}: {reason}; kept steps: "
-                           f"{mngr.steps() or 'none'}.")
+            from jaxckpt.errors import CheckpointNotFoundError
+            try:  # its message names why, and which metric to monitor
+                mngr.checkpoint_path("best")
+            except CheckpointNotFoundError as e:
+                raise CliError(str(e)) from None
         metrics = mngr.metrics(step) or {}
         epoch = next((e["epoch"] for e in mngr.entries() if e["step"] == step), None)
         monitor, mode = mngr.policy.monitor, mngr.policy.resolved_mode

@@ -37,5 +37,12 @@ class DirectoryLockedError(RuntimeError):
 def write_error(what: str, e: BaseException, intact: list[int]) -> CheckpointWriteError:
     hint = (" Fix the cause (disk space, permissions) and save again." if isinstance(e, OSError)
             else " Save again; if it keeps failing, report it with this message.")
-    return CheckpointWriteError(f"{what} failed: {e!r}. Every earlier checkpoint is intact "
-                                f"({intact}).{hint}")
+    return CheckpointWriteError(f"{what} failed: {_describe(e)}. Every earlier checkpoint "
+                                f"is intact ({intact}).{hint}")
+
+
+def _describe(e: BaseException) -> str:
+    """The error with the file it names (``repr`` of an ``OSError`` drops the path)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{type(e).__name__}: {e}"  # "[Errno 13] Permission denied: '/dir/3/x'"
+    return repr(e)

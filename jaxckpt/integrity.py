@@ -345,21 +345,34 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
         return Verdict(step, () if complete else (f"{fmt.ORBAX_METADATA}: missing",),
                        has_manifest=False, writer=writer, incomplete=not complete)
     missing = tuple(f"{rel}: missing" for rel in fmt.COMMIT_FILES if rel not in names)
-    if missing:
-        return Verdict(step, missing, has_manifest=MANIFEST_FILE in names, incomplete=True)
+    if missing and MANIFEST_FILE not in names:
+        # Never committed whole (a copy or a deletion cut short): not a checkpoint.
+        return Verdict(step, missing, has_manifest=False, incomplete=True)
+    # With a manifest the step was complete once: a lost file is damage, set aside (below).
     manifest, problems = read_manifest(step_dir, step)
     if problems:
         return Verdict(step, tuple(problems))
+    if missing and manifest is not None and _half_deleted(manifest, on_disk):
+        return Verdict(step, missing, has_manifest=True, incomplete=True)
     contents: dict[str, bytes] = {}  # the small files read for their checksums
     if manifest is not None:
         problems = _file_problems(step_dir, manifest, on_disk, checksums, contents)
-    records, json_problems = _json_records(step_dir, step, manifest, contents)
+    records, json_problems = _json_records(step_dir, step, manifest, contents, problems)
     problems = json_problems + problems
     if manifest is None:
         return Verdict(step, tuple(problems), has_manifest=False, records=records)
     arrays = manifest.get("arrays", {})
     return Verdict(step, tuple(problems), arrays=arrays.get("leaves"),
                    saved=arrays.get("saved"), records=records)
+
+
+def _half_deleted(manifest: dict, on_disk: dict[str, int]) -> bool:
+    """Whether a step that lost a file a commit writes lost its data too: what a deletion
+    in place (older jaxckpt) cut short leaves, which nothing can restore. Otherwise the
+    loss is damage to a restorable checkpoint, which is set aside and kept."""
+    gone = [rel for rel in manifest["files"] if rel not in on_disk]
+    return 2 * len(gone) >= len(manifest["files"]) or any(
+        manifest["files"][rel]["size"] > SMALL_FILE for rel in gone)
 
 
 def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int],
@@ -422,7 +435,8 @@ os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has no s
 
 
 def _json_records(step_dir: epath.Path, step: int, manifest: dict | None,
-                  contents: dict[str, bytes]) -> tuple[dict[str, Any], list[str]]:
+                  contents: dict[str, bytes], file_problems: list[str] = ()
+                  ) -> tuple[dict[str, Any], list[str]]:
     """jaxckpt's JSON items that pass their schema (``{item: record}``) and the schema
     problems of the others. A missing ``data_state`` is a problem only when the manifest
     lists it (a step saved without one has none)."""
@@ -434,7 +448,8 @@ def _json_records(step_dir: epath.Path, step: int, manifest: dict | None,
         try:
             data = json.loads(contents[rel] if rel in contents else path.read_bytes())
         except FileNotFoundError:
-            if manifest is not None and rel in manifest["files"]:
+            if manifest is not None and rel in manifest["files"] and \
+                    f"{rel}: missing" not in file_problems:
                 problems.append(f"{rel}: missing")
             continue
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

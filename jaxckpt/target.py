@@ -190,8 +190,12 @@ def check_saveable(tree: Any) -> None:
 
     Raises:
       TypeError: naming each unsaveable leaf by its path, what it is and the fix.
+      ValueError: the state has no leaf at all (an empty dict, only ``None``).
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat:
+        raise ValueError(f"the state to save has no arrays or numbers (it is {tree!r:.80}): "
+                         "pass the train state itself (params, optimizer state, step).")
     problems = [f"  {path_str(p) or '<root>'} {why}" for p, x in flat
                 if (why := _unsaveable(x)) is not None]
     if problems:

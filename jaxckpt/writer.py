@@ -167,7 +167,7 @@ class Writer:
             self.catalog.forget(s)
         log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
                   sorted(kept), stale)
-        self.background.submit(self._commit, step, stale, start, blocked, started)
+        self.background.submit(self._noted(self._commit), step, stale, start, blocked, started)
         self._drain_timeout = write_deadline(self.timeout, started)
         self.maybe_flush_ledger()
         if not self.async_save:
@@ -208,7 +208,18 @@ class Writer:
             auto_every=self.auto.every, save_cost_s=self.auto.save_cost_s)
         self.ledger.dirty = False
         self._last_flush = time.monotonic()
-        self.background.submit(self._write_ledger, snapshot)
+        self.background.submit(self._noted(self._write_ledger), snapshot)
+
+    def _noted(self, task: Callable[..., None]) -> Callable[..., None]:
+        """``task``, whose error carries what it was doing (for the message at the next
+        call: later tasks have moved ``_doing`` on by then)."""
+        def run(*args):
+            try:
+                task(*args)
+            except BaseException as e:
+                e.add_note(self._doing)
+                raise
+        return run
 
     def _write_ledger(self, snapshot: dict) -> None:
         if self._abandoned.is_set():
@@ -249,9 +260,10 @@ class Writer:
         self.catalog.scan(warn=self.warn_corrupt)
         lost = sorted(before - set(self.catalog.records))
         self.ledger.mark_unsaved(lost)
+        doing = (getattr(e, "__notes__", None) or ["its manifest, deletions or the history "
+                                                   "file"])[-1]
         what = (f"background write of step(s) {lost} to {self.directory}" if lost else
-                f"background work after a committed checkpoint in {self.directory} (its manifest, "
-                "deletions or the history file)")
+                f"background work after a committed checkpoint in {self.directory} ({doing})")
         raise write_error(what, e, self.catalog.steps()) from e
 
     def _new_orbax(self):

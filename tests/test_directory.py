@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,10 +85,99 @@ def test_orbax_metadata_of_the_wrong_shape_sets_aside_that_step_only(ckpt):
 
 def test_a_lock_file_of_garbage_bytes_is_taken_over(ckpt):
     (ckpt / fmt.LOCK_FILE).write_bytes(b"\xff\x00\x81garbage")
-    with pytest.warns(UserWarning, match="taking over the stale lock .* unreadable"):
+    old = time.time() - 2 * lock_mod.STALE_AFTER_S  # nobody has touched it for 4 minutes
+    os.utime(ckpt / fmt.LOCK_FILE, (old, old))
+    with pytest.warns(UserWarning, match="taking over the stale lock .*jaxckpt.lock: the "
+                      r"lock file is unreadable and was last modified 2\d\d s ago") as got:
         with CheckpointManager(ckpt) as m:
             m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
+    assert "None" not in str(got[0].message) and "heartbeat" not in str(got[0].message)
     assert not any(n.endswith(".stale") for n in os.listdir(ckpt))
+
+
+GARBAGE_BESIDE_A_WRITER = """
+    import sys, numpy as np, jaxckpt
+    from jaxckpt import lock
+    lock.HEARTBEAT_S = 0.2
+    p = jaxckpt.CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1, keep_latest=1)
+    with jaxckpt.CheckpointManager(sys.argv[1], p) as m:
+        for step in range(1, 60):
+            m.save(step, {"x": np.full(1000, float(step))}, metrics={"val_loss": 1.0 / step})
+            if step in (1, 30):
+                m.wait()
+                print("AT", step, flush=True)
+                sys.stdin.readline()
+    print("SAVED", m.latest_step(), flush=True)
+"""
+
+
+def test_garbage_over_a_live_writers_lock_refuses_others_and_the_writer_repairs_it(tmp_path):
+    d, path = tmp_path / "c", tmp_path / "c" / fmt.LOCK_FILE
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(GARBAGE_BESIDE_A_WRITER),
+                             str(d)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "AT 1", proc.stderr.read()[-2000:]
+        # Suspended for a moment, so that no heartbeat repairs the lock before the refusal.
+        proc.send_signal(signal.SIGSTOP)
+        path.write_text("garbage\n")
+        with pytest.raises(jaxckpt.DirectoryLockedError) as refused:
+            CheckpointManager(d, POLICY)
+        proc.send_signal(signal.SIGCONT)
+        msg = str(refused.value)
+        for part in (f"lock file {path} is unreadable and was modified ",
+                     "another run may hold it", "Wait until it is 120 s old",
+                     f"delete {path} if no run writes here"):
+            assert part in msg, msg
+        assert "None" not in msg, msg
+        deadline = time.monotonic() + 60
+        for _ in range(3):  # again while it runs: a beat in flight may overwrite one write
+            while not path.read_text().startswith("{"):
+                assert time.monotonic() < deadline, "the writer never repaired its lock"
+                time.sleep(0.05)
+            path.write_text("garbage\n")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "AT 30", proc.stderr.read()[-2000:]
+        with pytest.raises(jaxckpt.DirectoryLockedError, match=f"pid {proc.pid}, last heart"):
+            CheckpointManager(d, POLICY)  # repaired: its own record again
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0 and out.strip() == "SAVED 59", err[-3000:]
+    assert f"the lock {path} became unreadable while this run held it" in err, err[-3000:]
+    assert not path.exists()  # released as its own at exit
+
+
+def test_a_lost_lock_names_the_run_that_took_it_and_no_made_up_cause(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_mod, "HEARTBEAT_S", 0.05)
+    m = CheckpointManager(tmp_path, POLICY)
+    other = {"format": "jaxckpt-lock/1", "run_id": "other-run", "host": "elsewhere",
+             "pid": 7, "heartbeat": time.time()}
+    (tmp_path / fmt.LOCK_FILE).write_text(json.dumps(other))  # replaced by hand, not stale
+    deadline = time.monotonic() + 30
+    while m._dirlock._lost is None:
+        assert time.monotonic() < deadline, "the lost lock was never noticed"
+        time.sleep(0.02)
+    with pytest.raises(jaxckpt.DirectoryLockedError) as lost:
+        m.save(1, {"x": value(1)}, metrics={"val_loss": 0.5})
+    msg = str(lost.value)
+    assert "taken over by run other-run on host elsewhere, pid 7" in msg, msg
+    assert "although this run wrote its heartbeat" in msg and "None" not in msg, msg
+    with pytest.raises(jaxckpt.DirectoryLockedError):
+        m.close()
+
+
+@pytest.mark.parametrize("owner, text", [
+    ({}, "an unreadable lock"),
+    ({"run_id": "r", "heartbeat": None}, "run r, no heartbeat"),
+    ({"run_id": "r", "host": "h", "pid": 3}, "run r on host h, pid 3, no heartbeat"),
+])
+def test_describe_leaves_out_what_the_lock_does_not_say(owner, text):
+    assert lock_mod.describe(owner) == text
 
 
 def test_a_lock_heartbeat_in_the_future_is_judged_by_the_file_not_trusted(ckpt):
@@ -110,6 +201,7 @@ def test_half_deleted_steps_are_never_listed_and_the_next_writer_finishes_them(c
     # files missing (a deletion in place).
     os.rename(ckpt / "3", ckpt / fmt.deleting_name(3))
     os.remove(ckpt / "4" / "_CHECKPOINT_METADATA")
+    shutil.rmtree(ckpt / "4" / "state")
     with CheckpointManager(ckpt, read_only=True) as m:
         assert (m.steps(), m.latest_step()) == ([2], 2)
         assert m.verdicts()[4].incomplete
@@ -118,6 +210,22 @@ def test_half_deleted_steps_are_never_listed_and_the_next_writer_finishes_them(c
     with CheckpointManager(ckpt) as m:
         m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
     assert sorted(os.listdir(ckpt)) == ["2", "5", fmt.HISTORY_FILE]
+
+
+@pytest.mark.parametrize("lost", ["meta/metadata", "_CHECKPOINT_METADATA"])
+def test_a_committed_step_that_lost_one_small_file_is_set_aside_never_deleted(ckpt, lost):
+    """Its manifest says it was complete: a lost file is damage, not a half-deletion."""
+    os.remove(ckpt / "4" / lost)
+    with pytest.warns(UserWarning, match=f"checkpoint 4 .* corrupt .*{lost}: missing"):
+        m = CheckpointManager(ckpt, read_only=True)
+    with m:
+        assert m.steps() == [2, 3] and m.verdicts()[4].problems == (f"{lost}: missing",)
+    with pytest.warns(UserWarning, match="moved corrupt checkpoint 4"):
+        with CheckpointManager(ckpt) as m:
+            m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
+    kept = os.listdir(ckpt / fmt.CORRUPT_DIR)
+    assert len(kept) == 1 and kept[0].startswith("4-")
+    assert os.path.exists(ckpt / fmt.CORRUPT_DIR / kept[0] / "state")
 
 
 # -- losing jaxckpt.json loses neither the policy nor the best ------------------------------

@@ -284,6 +284,9 @@ def test_a_save_with_a_leaf_that_cannot_be_saved_records_no_saved_step(tmp_path)
         m.save(1, {"x": np.arange(3.0)})
         with pytest.raises(TypeError, match="name"):
             m.save(2, {"x": np.arange(3.0), "name": "run-1"})
+        for empty in ({}, {"opt": None}, []):
+            with pytest.raises(ValueError, match="has no arrays or numbers.*pass the train"):
+                m.save(2, empty)
         assert [e["step"] for e in m.entries() if e["saved"]] == [1]
         m.save(2, {"x": np.arange(3.0) + 1})  # the same step, now saveable
         assert m.steps() == [1, 2]
@@ -375,3 +378,33 @@ def test_permission_denied_then_granted_again(tmp_path):
         proc.stdin.flush()
         read_line(proc, "SAVED 3")
     restorable(d, {1: np.arange(10.0), 3: np.arange(30.0)})
+
+
+def test_a_failed_background_delete_names_the_step_and_the_file(tmp_path):
+    """A replaced step that cannot be deleted (its files read-only to a process without
+    root's file capabilities): the error says what was deleted and which file refused."""
+    d = tmp_path / "ckpt"
+    with CheckpointManager(d, CheckpointPolicy(keep_latest=1)) as m:
+        m.save(1, {"x": np.arange(3.0)})
+    subprocess.run(["chmod", "-R", "a-w", str(d / "1")], check=True)
+    code = textwrap.dedent(f"""
+        import numpy as np, jaxckpt
+        try:
+            with jaxckpt.CheckpointManager({str(d)!r}, jaxckpt.CheckpointPolicy(keep_latest=1)) as m:
+                m.save(2, {{"x": np.arange(3.0)}})
+                m.wait()
+        except jaxckpt.CheckpointWriteError as e:
+            print("ERROR", e)
+    """)
+    drop = "-dac_override,-dac_read_search,-fowner"
+    try:
+        out = subprocess.run(["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}",
+                              sys.executable, "-c", code], capture_output=True, text=True,
+                             env=ENV, timeout=120)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(d)], check=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("ERROR")), "")
+    assert f"deleting checkpoint 1 ({d / '1'})" in line, out.stdout + out.stderr[-2000:]
+    assert "Permission denied: '" in line and "intact ([2])" in line, line
+    with CheckpointManager(d, read_only=True) as m:
+        assert m.steps() == [2]
