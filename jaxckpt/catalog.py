@@ -150,8 +150,9 @@ class Catalog:
         self.records.pop(verdict.step, None)
         self.verdicts.pop(verdict.step, None)
         self.corrupt[verdict.step] = verdict
-        log.warning("checkpoint %d in %s is corrupt: %s", verdict.step, self.directory,
-                    verdict.describe())
+        # Once: as the caller's warning when it has one, else in the log.
+        log.log(logging.DEBUG if warn else logging.WARNING, "checkpoint %d in %s is corrupt: "
+                "%s", verdict.step, self.directory, verdict.describe())
         if warn is not None:
             warn(f"checkpoint {verdict.step} in {self.directory} is corrupt "
                  f"({_summary(verdict.problems)})")

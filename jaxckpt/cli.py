@@ -362,7 +362,10 @@ def cmd_verify(args) -> int:
         print(f"{_PROG}: error: {len(bad)} of {len(problems)} checkpoint(s) in {directory} "
               f"failed verification: step(s) {', '.join(map(str, bad))}.", file=sys.stderr)
         return EXIT_BAD_CHECKPOINT
-    print(f"{len(problems)} checkpoint(s) ok")
+    unverified = [s for s, v in verdicts.items() if _status(v) != "ok"]
+    print(f"{len(problems)} checkpoint(s) ok" + (
+        f", of which {len(unverified)} unverified (no manifest: step(s) "
+        f"{', '.join(map(str, unverified))})" if unverified else ""))
     return EXIT_OK
 
 
