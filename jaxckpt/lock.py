@@ -12,8 +12,10 @@ that the file still names this run. The lock of a run that is gone is taken over
 warning: on the same host when its process no longer exists (or its pid now belongs to a
 newer process), anywhere when its heartbeat is older than :data:`STALE_AFTER_S`. Hosts
 are compared by name and PID namespace, so two containers with one hostname never judge
-each other's PIDs. A run whose lock was taken over (it hung for longer than that) learns
-it at its next save and stops writing.
+each other's PIDs. An unreadable lock file (garbage, a hand edit) names no owner, so it
+is judged by when it last changed: taken over once older than :data:`STALE_AFTER_S`,
+respected before that, and a live owner that finds its own lock unreadable rewrites it.
+A run whose lock was taken over learns it, and why, at its next save and stops writing.
 
 On a local disk the lock is created with an atomic ``link``, so of two runs starting at
 once exactly one wins. Object stores (``gs://``) have no such primitive: there the lock
@@ -81,17 +83,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _readable(owner: dict) -> bool:
+    """Whether ``owner`` is a lock record whose heartbeat can be judged."""
+    return (isinstance(owner, dict) and owner.get("format") == _FORMAT
+            and isinstance(owner.get("heartbeat"), (int, float)))
+
+
 def describe(owner: dict, now: float | None = None) -> str:
-    """``run R on host H, pid P, last heartbeat N s ago`` for messages."""
+    """``run R on host H, pid P, last heartbeat N s ago`` for messages.
+
+    Fields the record lacks are left out (never printed as ``None``); a record with
+    none of them is ``an unreadable lock``.
+    """
     now = time.time() if now is None else now
+    run, host, pid = (owner.get(k) for k in ("run_id", "host", "pid"))
+    who = " ".join(part for part in (f"run {run}" if run is not None else "",
+                                     f"on host {host}" if host is not None else "")
+                   if part)
+    parts = [who] if who else []
+    if pid is not None:
+        parts.append(f"pid {pid}")
+    if not parts:
+        return "an unreadable lock"
     beat = owner.get("heartbeat")
     if isinstance(beat, (int, float)):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(beat))
-        age = f"last heartbeat {now - beat:.0f} s ago ({when})"
+        parts.append(f"last heartbeat {now - beat:.0f} s ago ({when})")
     else:
-        age = "no heartbeat"
-    return (f"run {owner.get('run_id')} on host {owner.get('host')}, pid {owner.get('pid')}, "
-            f"{age}")
+        parts.append("no heartbeat")
+    return ", ".join(parts)
 
 
 class DirectoryLock:
@@ -121,7 +141,9 @@ class DirectoryLock:
         self._local = "://" not in str(directory)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lost: dict | None = None
+        self._lost: str | None = None  # why this run lost the lock, once it has
+        self._started: float | None = None
+        self._last_beat: float | None = None  # when this run last wrote its heartbeat
         self._held = False
         self._pid = os.getpid()
         self._write_error: str | None = None
@@ -144,17 +166,23 @@ class DirectoryLock:
             if why is None:
                 raise DirectoryLockedError(self._locked_message(owner))
             if self._take_over(owner):
-                warnings.warn(f"taking over the stale lock {self.path} of "
-                              f"{describe(owner)}: {why}.", stacklevel=4)
+                of = f" of {describe(owner)}" if _readable(owner) else ""
+                warnings.warn(f"taking over the stale lock {self.path}{of}: {why}.",
+                              stacklevel=4)
                 break
         else:
             raise DirectoryLockedError(f"could not take the lock {self.path}: other runs keep "
                                        "replacing it. Is another run starting on this "
                                        "directory right now?")
         owner = self._read()
-        if owner is None or owner.get("run_id") != self.run_id:
-            raise DirectoryLockedError(self._locked_message(owner or {}))
+        if owner is None:
+            raise DirectoryLockedError(f"the lock {self.path} vanished right after this run "
+                                       "wrote it. Is another run starting on this directory "
+                                       "right now?")
+        if owner.get("run_id") != self.run_id:
+            raise DirectoryLockedError(self._locked_message(owner))
         self._held, self._pid = True, os.getpid()
+        self._started, self._last_beat = owner.get("started"), owner.get("heartbeat")
         _held[self.run_id] = self
         self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop),
                                         name="jaxckpt-lock", daemon=True)
@@ -165,10 +193,8 @@ class DirectoryLock:
         """Raise if another run took the lock over since this run acquired it."""
         if self._lost is not None:
             raise DirectoryLockedError(
-                f"this run lost the lock of {self.directory} to {describe(self._lost)}: its "
-                f"heartbeat stopped for more than {self.stale_after_s:.0f} s (a hung or "
-                "suspended process?), so the other run took the directory over. This run "
-                "no longer writes there; its checkpoints up to now are intact. Save into "
+                f"this run lost the lock of {self.directory}: {self._lost}. This run no "
+                "longer writes there; its checkpoints up to now are intact. Save into "
                 "another directory, or stop the other run and start again.")
 
     def release(self) -> None:
@@ -200,10 +226,11 @@ class DirectoryLock:
 
     def _record(self) -> dict:
         now = time.time()
+        started = now if self._started is None else self._started
         return {"format": _FORMAT, "run_id": self.run_id, "host": socket.gethostname(),
                 "pid": os.getpid(), "pid_ns": _pid_namespace(),
-                "pid_start": _process_start(os.getpid()), "started": now, "heartbeat": now,
-                "heartbeat_s": self.heartbeat_s}
+                "pid_start": _process_start(os.getpid()), "started": started,
+                "heartbeat": now, "heartbeat_s": self.heartbeat_s}
 
     def _read(self) -> dict | None:
         """The lock's owner record; None when there is no lock; ``{}`` when unreadable."""
@@ -274,13 +301,19 @@ class DirectoryLock:
         return self._create()
 
     def _why_stale(self, owner: dict) -> str | None:
-        """Why ``owner``'s lock may be taken over, or None when that run is alive."""
-        if not owner or owner.get("format") != _FORMAT:
-            return "the lock file is unreadable"
+        """Why ``owner``'s lock may be taken over, or None when that run may be alive."""
         now = time.time()
-        beat = owner.get("heartbeat")
-        if not isinstance(beat, (int, float)):
-            return "it has no heartbeat"
+        if not _readable(owner):
+            # Garbage proves nothing, not even that the owner is gone: judge by when the
+            # store last saw the file change (a live owner repairs it at its next beat).
+            age = self._age(now)
+            if age is None:
+                return "the lock file is unreadable and its age cannot be looked up"
+            if age > self.stale_after_s:
+                return (f"the lock file is unreadable and was last modified {age:.0f} s ago "
+                        f"(> {self.stale_after_s:.0f} s)")
+            return None
+        beat = owner["heartbeat"]
         pid = owner.get("pid")
         same_host = (owner.get("host") == socket.gethostname()
                      and owner.get("pid_ns") == _pid_namespace() and isinstance(pid, int))
@@ -298,8 +331,8 @@ class DirectoryLock:
         if beat > now + self.stale_after_s:
             # A heartbeat from the future (a skewed clock, a hand-edited file) proves
             # nothing: judge by when the store last saw the file change.
-            changed = self._modified()
-            if changed is None or now - changed > self.stale_after_s:
+            age = self._age(now)
+            if age is None or age > self.stale_after_s:
                 return (f"its heartbeat lies {beat - now:.0f} s in the future and the file "
                         f"has not changed for more than {self.stale_after_s:.0f} s")
             return None
@@ -307,13 +340,23 @@ class DirectoryLock:
             return f"its last heartbeat is {now - beat:.0f} s old (> {self.stale_after_s:.0f} s)"
         return None
 
-    def _modified(self) -> float | None:
+    def _age(self, now: float) -> float | None:
+        """Seconds since the lock file last changed (never negative); None if unknown."""
         try:
-            return self._io(self.path.stat, "looking up").mtime
+            changed = self._io(self.path.stat, "looking up").mtime
         except (OSError, AttributeError):
             return None
+        return max(now - changed, 0.0)
 
     def _locked_message(self, owner: dict) -> str:
+        if not _readable(owner):
+            age = self._age(time.time())
+            when = "recently" if age is None else f"{age:.0f} s ago"
+            return (f"the lock file {self.path} is unreadable and was modified {when}: "
+                    "another run may hold it (a live run rewrites it at its next heartbeat). "
+                    f"Wait until it is {self.stale_after_s:.0f} s old (it is then taken "
+                    f"over), or delete {self.path} if no run writes here; open with "
+                    "read_only=True to only read.")
         if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
             return (f"another CheckpointManager in this process ({describe(owner)}) is writing "
                     f"to {self.directory}. close() it first, or open this one with "
@@ -325,6 +368,19 @@ class DirectoryLock:
                 f"is taken over by itself once its heartbeat is {self.stale_after_s:.0f} s "
                 "old).")
 
+    def _taken_over(self, owner: dict) -> str:
+        """The cause of losing the lock to ``owner``, as far as this run can tell."""
+        if self._last_beat is None:
+            return f"it was taken over by {describe(owner)}"
+        gap = time.time() - self._last_beat
+        if gap > self.stale_after_s:
+            return (f"it was taken over by {describe(owner)}: this run had not written its "
+                    f"heartbeat for {gap:.0f} s (> {self.stale_after_s:.0f} s; a hung or "
+                    "suspended process, or a stalled store?)")
+        return (f"it was taken over by {describe(owner)}, although this run wrote its "
+                f"heartbeat {gap:.0f} s before (the lock file was replaced by hand, or the "
+                "other run judged it by a skewed clock)")
+
     def _beat(self) -> bool:
         """One heartbeat; False when the lock was lost (the thread then stops)."""
         try:
@@ -332,26 +388,27 @@ class DirectoryLock:
             if self._stop.is_set():  # released while this beat waited for a stalled store
                 return False
             if owner is None:  # deleted by hand: take it back unless someone else did
-                if not self._create():
-                    owner = self._read() or {}
-                    self._lost = owner
-                    return False
-                return True
-            if owner.get("run_id") != self.run_id:
-                self._lost = owner
+                if self._create():
+                    log.warning("the lock %s was deleted while this run held it; wrote it "
+                                "again", self.path)
+                    self._last_beat = time.time()
+                    return True
+                owner = self._read()
+                if owner is None or owner.get("run_id") in (None, self.run_id):
+                    return True  # deleted again, or garbage: judged at the next beat
+                self._lost = (f"the lock file was deleted, and {describe(owner)} created "
+                              "it before this run could write it again")
                 return False
+            if owner.get("run_id") not in (None, self.run_id):
+                self._lost = self._taken_over(owner)
+                return False
+            if not _readable(owner):  # garbage written over this run's lock: repair it
+                log.warning("the lock %s became unreadable while this run held it; "
+                            "rewrote this run's record", self.path)
+                owner = self._record()
             owner["heartbeat"] = time.time()
-            if not self._local:  # an object is replaced whole; object stores cannot rename
-                self._io(self.path.write_text, "writing", json.dumps(owner))
-                self._write_error = None
-                return True
-            tmp = self.directory / f".{LOCK_FILE}.{self.run_id}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                tmp.write_text(json.dumps(owner))
-                tmp.replace(self.path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            self._write(json.dumps(owner))
+            self._last_beat = owner["heartbeat"]
             self._write_error = None
         except OSError as e:  # full disk, lost permission: the save path reports those
             if self._write_error != str(e):
@@ -359,6 +416,19 @@ class DirectoryLock:
                             self.path, e, self.heartbeat_s)
             self._write_error = str(e)
         return True
+
+    def _write(self, text: str) -> None:
+        """Replace the lock file whole with ``text``."""
+        if not self._local:  # an object is replaced whole; object stores cannot rename
+            self._io(self.path.write_text, "writing", text)
+            return
+        tmp = self.directory / f".{LOCK_FILE}.{self.run_id}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            tmp.write_text(text)
+            tmp.replace(self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _heartbeat(ref: "weakref.ref[DirectoryLock]", stop: threading.Event) -> None:

@@ -200,6 +200,8 @@ def write_lock(directory, **fields):
 ], ids=["old-heartbeat", "dead-pid", "reused-pid", "garbage"])
 def test_stale_lock_is_taken_over_with_a_warning(tmp_path, fields, why):
     write_lock(tmp_path, **fields)
+    old = time.time() - 2 * lock_mod.STALE_AFTER_S  # an unreadable lock is judged by its age
+    os.utime(tmp_path / "jaxckpt.lock", (old, old))
     with pytest.warns(UserWarning, match=why):
         m = CheckpointManager(tmp_path)
     with m:
