@@ -135,9 +135,9 @@ class Writer:
 
     def write(self, step, state, metrics, epoch, data_state, now, value, reason,
                started) -> None:
-        exists = storage.call(self.directory.exists, what="looking up", path=self.directory,
-                              timeout=self.timeout)
-        if not exists:  # never re-create a directory deleted under the run
+        # Never re-create a directory deleted under the run. A disk only: a store has no
+        # directories to delete, and the lookup would cost a round trip in every save().
+        if not storage.is_remote(self.directory) and not self.directory.exists():
             raise CheckpointDirectoryError(
                 f"checkpoint directory {self.directory} was deleted or renamed while this run was "
                 "writing to it; nothing was re-created. Restore it, or save into a new "
