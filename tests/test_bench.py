@@ -32,8 +32,9 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 SCRIPTS = {
-    "overhead": ["overhead.py", "--sizes", "1", "--steps", "2", "--rounds", "1",
-                 "--blocking-reps", "1", "--layers", "2", "--auto-steps", "10",
+    # --interval 0.2: the step time is measured over ~0.1 s of steps, not 2 s
+    "overhead": ["overhead.py", "--sizes", "1", "--steps", "2", "--interval", "0.2",
+                 "--rounds", "1", "--blocking-reps", "1", "--layers", "2", "--auto-steps", "10",
                  "--tuning-size", "1", "--tuning-variants", "1", "--leaves", "30",
                  "--dir", "{tmp}/work", "--json", "{tmp}/overhead.json",
                  "--markdown", "{tmp}/overhead.md"],

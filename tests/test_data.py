@@ -200,22 +200,29 @@ def test_epochs_are_whole_and_reshuffled(splits):
                                   epochs[0][: (len(train) // bs) * bs])
 
 
-@pytest.mark.parametrize("stop_after", [0, 7, 19, 30, 57])
-def test_state_restore_continues_exactly(splits, stop_after):
-    def make():
-        return data.batches(splits["train"], 64, seed=5, num_epochs=3)
+def _three_epochs(splits):
+    return data.batches(splits["train"], 64, seed=5, num_epochs=3)
 
-    reference = list(make())
+
+@pytest.fixture(scope="module")
+def three_epochs(splits):
+    """Every batch of an uninterrupted 3-epoch read, once for every stopping point."""
+    return list(_three_epochs(splits))
+
+
+@pytest.mark.parametrize("stop_after", [0, 7, 19, 30, 57])
+def test_state_restore_continues_exactly(splits, three_epochs, stop_after):
+    reference = three_epochs
     assert len(reference) == 3 * 19
 
-    it = make()
+    it = _three_epochs(splits)
     for _ in range(stop_after):
         next(it)
     state = it.get_state()
     assert isinstance(state, dict)
     state = json.loads(json.dumps(state))  # what a checkpoint would store
 
-    resumed = make()
+    resumed = _three_epochs(splits)
     resumed.set_state(state)
     _assert_same_batches(list(resumed), reference[stop_after:])
 

@@ -19,10 +19,12 @@ from flax import nnx
 
 import jaxckpt
 from jaxckpt import data
+from _jax_cache import compile_cache_env
 from _util import MLP, leaves_equal
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "fit_digits.py"
+EPOCHS = 3  # of the example's runs (39 steps an epoch): a kill at step 40 is mid-run
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +38,7 @@ def splits(data_dir):
     return data.split_dataset(ds, (0.7, 0.15, 0.15), seed=0)
 
 
-def example(workdir, data_dir, *extra, epochs=4):
+def example(workdir, data_dir, *extra, epochs=EPOCHS):
     return [sys.executable, str(EXAMPLE), "--workdir", str(workdir), "--epochs", str(epochs),
             "--data-dir", str(data_dir), "--quiet", *extra]
 
@@ -48,7 +50,8 @@ def run_ok(cmd):
 
 
 def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO),
+            **_CACHE}
 
 
 def final_state(workdir):
@@ -84,7 +87,7 @@ def test_example_reaches_sensible_accuracy(uninterrupted):
     result = json.loads((uninterrupted / "result.json").read_text())
     assert result["test_accuracy"] >= 0.9 and result["best_val_accuracy"] >= 0.9
     assert (uninterrupted / "history.png").stat().st_size > 10_000
-    assert len(history_rows(uninterrupted)) == 4
+    assert len(history_rows(uninterrupted)) == EPOCHS
 
 
 def test_sigkill_then_restart_is_bitwise_identical(tmp_path, data_dir, uninterrupted):
@@ -274,12 +277,13 @@ def single_device_losses(splits):
     return _single
 
 
-_DATA = []
+_DATA, _CACHE = [], {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _remember_data_dir(data_dir):
+def _remember_session_paths(data_dir, tmp_path_factory):
     _DATA[:] = [data_dir]
+    _CACHE.update(compile_cache_env(tmp_path_factory))  # for every subprocess, via _env()
 
 
 def test_pmap_checkpoint_resumes_in_sharded_mode_on_two_devices(splits, data_dir, tmp_path):
@@ -593,11 +597,23 @@ def test_evaluate_compiles_once_and_has_no_private_arguments(tmp_path):
     t.fit((x, y), epochs=1, batch_size=64)
     t.evaluate((x, y))
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event
-        else None)
-    first = t.evaluate((x[:100], y[:100]), batch_size=256)
-    second = t.evaluate((x[100:200], y[100:200]), batch_size=256)
+
+    def compiled(event, duration_secs, **kw):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    def loaded(event, **kw):  # a compilation a persistent compilation cache answered
+        if event == "/jax/compilation_cache/cache_hits":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(loaded)
+    try:
+        first = t.evaluate((x[:100], y[:100]), batch_size=256)
+        second = t.evaluate((x[100:200], y[100:200]), batch_size=256)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(compiled)
+        jax.monitoring.unregister_event_listener(loaded)
     assert compiles == [] and first != second
 
 
