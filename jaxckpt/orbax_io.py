@@ -17,7 +17,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt import fingerprint
+from jaxckpt import fingerprint, storage
 from jaxckpt import format as fmt
 from jaxckpt import target as target_lib
 from jaxckpt.errors import CheckpointNotFoundError, RestoreStructureError
@@ -62,6 +62,12 @@ def new_manager(directory: epath.Path, *, async_save: bool, read_only: bool,
         # Do not read every step's metadata at start-up: one damaged step would make
         # the whole directory unusable (jaxckpt's catalog checks each step itself).
         lightweight_initialize=True,
+        # On a disk the step directory is made before save() returns (a mkdir): made in
+        # the background, a failure to make it (a read-only or full disk) leaves Orbax's
+        # writer thread waiting for it for 300 s, and the process hanging that long at
+        # exit. On a store making it costs round trips, so it stays in the background.
+        async_options=ocp.options.AsyncOptions(
+            create_directories_asynchronously=storage.is_remote(directory)),
     )
     handlers = {fmt.STATE: _state_handler(), fmt.META: ocp.JsonCheckpointHandler(),
                 fmt.DATA_STATE: ocp.JsonCheckpointHandler()}
