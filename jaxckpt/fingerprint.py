@@ -25,7 +25,6 @@ __all__ = ["of_tree", "resolve", "mismatches"]
 _CHUNK = 2 << 20  # bytes CRC'd per call: ~0.3 ms of holding the GIL
 
 
-
 @jax.jit
 def _wsum(words: jax.Array) -> jax.Array:
     """The weighted sum of an integer array's words, by row-major linear position.
@@ -93,6 +92,13 @@ def _local_cpu(sharding: jax.sharding.Sharding) -> bool:
                                                  for d in sharding.device_set)
 
 
+def _key_data(x: Any) -> Any:
+    """A typed PRNG key's raw data (what is saved for it); any other leaf as it is."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    return x
+
+
 def pending(x: Any) -> Any:
     """Start fingerprinting one leaf; :func:`finish` turns the result into numbers.
 
@@ -100,8 +106,7 @@ def pending(x: Any) -> Any:
     background thread); an accelerator or multi-process array gets the weighted sum,
     dispatched now on its devices. None for leaves that are not arrays.
     """
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
+    x = _key_data(x)
     if not (isinstance(x, jax.Array) or (isinstance(x, (np.ndarray, np.generic))
                                          and x.dtype.kind in "biufc")):
         return None
@@ -156,9 +161,7 @@ def mismatches(tree: Any, expected: dict[str, dict[str, int]], prefix: str = "")
         want = expected.get(key)
         if want is None or not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
             continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
-                                                                  jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
+        leaf = _key_data(leaf)
         if "crc32c" in want:
             host = _host_bytes(leaf)
             got = finish(("crc32c", host if host is not None else np.asarray(leaf)))

@@ -282,26 +282,16 @@ def _arrays_schema(arrays: Any) -> list[str]:
     return []
 
 
-def committed(step_dir: epath.Path) -> bool:
-    """Whether Orbax finished the step. A local step appears by an atomic rename once
-    complete; on an object store Orbax writes in place and ends with a commit marker."""
-    return not storage.is_remote(step_dir) or (step_dir / fmt.COMMIT_MARKER).exists()
-
-
 def writer_of(step_dir: epath.Path) -> Writer:
     """Who wrote a step directory, from the files only jaxckpt writes ("unknown" while an
-    object-store write is in flight: nobody's checkpoint yet)."""
-    if not committed(step_dir):
-        return "unknown"
-    if (step_dir / fmt.META).exists() or (step_dir / MANIFEST_FILE).exists():
-        return "jaxckpt"
-    if (step_dir / fmt.ORBAX_METADATA).exists():
-        return "orbax"
-    return "unknown"
+    object-store write is in flight: nobody's checkpoint yet). One listing of the step."""
+    return _writer_from_listing(step_dir, set(_files(step_dir)))
 
 
 def _writer_from_listing(step_dir: epath.Path, names: set[str]) -> Writer:
-    """:func:`writer_of`, answered from a listing of the step (no request per file)."""
+    """:func:`writer_of`, from a listing of the step. A local step appears by an atomic
+    rename once complete; on an object store Orbax writes in place and ends with a commit
+    marker."""
     if storage.is_remote(step_dir) and fmt.COMMIT_MARKER not in names:
         return "unknown"
     if MANIFEST_FILE in names or any(n.startswith(fmt.META + "/") for n in names):
@@ -357,7 +347,7 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
     contents: dict[str, bytes] = {}  # the small files read for their checksums
     if manifest is not None:
         problems = _file_problems(step_dir, manifest, on_disk, checksums, contents)
-    records, json_problems = _json_records(step_dir, step, manifest, contents, problems)
+    records, json_problems = _json_records(step_dir, step, names, contents)
     problems = json_problems + problems
     if manifest is None:
         return Verdict(step, tuple(problems), has_manifest=False, records=records)
@@ -434,24 +424,22 @@ os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has no s
 # -- the JSON files jaxckpt writes into each step ------------------------------------------
 
 
-def _json_records(step_dir: epath.Path, step: int, manifest: dict | None,
-                  contents: dict[str, bytes], file_problems: list[str] = ()
-                  ) -> tuple[dict[str, Any], list[str]]:
+def _json_records(step_dir: epath.Path, step: int, names: set[str],
+                  contents: dict[str, bytes]) -> tuple[dict[str, Any], list[str]]:
     """jaxckpt's JSON items that pass their schema (``{item: record}``) and the schema
-    problems of the others. A missing ``data_state`` is a problem only when the manifest
-    lists it (a step saved without one has none)."""
+    problems of the others. One not in the step's listing (``names``) is skipped: a
+    missing file the manifest lists is reported with the files, and a step saved without
+    a data state has none."""
     records, problems = {}, []
     for item, validate in ((fmt.META, lambda d: fmt.validate_meta(d, step)),
                            (fmt.DATA_STATE, fmt.validate_data_state)):
         rel = f"{item}/metadata"
-        path = step_dir / rel
-        try:
-            data = json.loads(contents[rel] if rel in contents else path.read_bytes())
-        except FileNotFoundError:
-            if manifest is not None and rel in manifest["files"] and \
-                    f"{rel}: missing" not in file_problems:
-                problems.append(f"{rel}: missing")
+        if rel not in names:
             continue
+        try:
+            data = json.loads(contents[rel] if rel in contents else (step_dir / rel).read_bytes())
+        except FileNotFoundError:
+            raise  # listed a moment ago: the step is being deleted
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             problems.append(f"{rel}: not readable JSON ({e})")
             continue

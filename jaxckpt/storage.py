@@ -230,10 +230,8 @@ def forget_cached_listings(path: epath.Path) -> None:
     if not is_remote(path):
         return
     try:
-        from etils.epath import backend
-        fs = backend.fsspec_backend.fs(str(path))
+        fs, key = _fsspec(path)
         cache = fs.dircache
-        key = fs._strip_protocol(str(path)).rstrip("/")
     except Exception:  # noqa: BLE001 - another fsspec backend, or no listing cache
         return
     fs.invalidate_cache(str(path))
