@@ -166,7 +166,7 @@ def as_subtree(subtree: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def restore_state(step_dir: epath.Path, target: Any, *, step: int,
                   subtree: tuple[str, ...] = (), fingerprints: dict | None = None,
-                  saved: dict | None = None) -> Any:
+                  saved: "target_lib.SavedLeaves | None" = None) -> Any:
     """The state of the checkpoint in ``step_dir``, whoever wrote it, into ``target``.
 
     The state is item ``state`` (jaxckpt), ``default`` (a plain Orbax manager) or the
@@ -216,15 +216,14 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
 
 def _restore_into(item_dir: epath.Path, target: Any, step: int,
                   subtree: tuple[str, ...], fingerprints: dict | None = None,
-                  saved: dict | None = None) -> Any:
-    leaves = target_lib.SavedLeaves.from_json(saved, subtree) if saved and target is not None \
-        else None
+                  saved: "target_lib.SavedLeaves | None" = None) -> Any:
+    prefix = "".join(f"{k}/" for k in subtree)
+    leaves = saved.under(prefix) if saved and target is not None else None
     if leaves is None:
         leaves = _subtree_of(item_metadata(item_dir), subtree, step)
     plan = target_lib.restore_plan(leaves, target, step)
     raw = restore_item(item_dir, plan.abstract, subtree)
     if fingerprints:
-        prefix = "".join(f"{k}/" for k in subtree)
         problems = fingerprint.mismatches(raw, fingerprints, prefix)
         if problems:
             raise ArraysCorrupt(step, tuple(f"{item_dir.name}/{p}" for p in problems))

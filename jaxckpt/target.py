@@ -227,12 +227,29 @@ class SavedLeaves(dict):
     """``{leaf path: SavedLeaf}``: a saved tree known from its manifest, not Orbax."""
 
     @classmethod
-    def from_json(cls, saved: dict, subtree: Sequence[str] = ()) -> "SavedLeaves | None":
-        """The leaves under ``subtree`` (paths relative to it); None when there are none
-        (the caller then asks Orbax, whose error names what the checkpoint holds)."""
-        prefix = "".join(f"{k}/" for k in subtree)
-        out = cls((path[len(prefix):], SavedLeaf.from_json(d)) for path, d in saved.items()
-                  if path.startswith(prefix))
+    def from_json(cls, saved: Any) -> "SavedLeaves":
+        """A manifest's ``arrays.saved`` record, parsed (once: a restore plans from it).
+
+        Raises:
+          ValueError: a malformed record, named by its leaf path.
+        """
+        if not isinstance(saved, dict):
+            raise ValueError("'arrays.saved' must be an object")
+        out = cls()
+        for path, d in saved.items():
+            try:
+                out[path] = SavedLeaf.from_json(d)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                raise ValueError(f"malformed saved leaf record for {path!r}: {d!r}") from None
+        return out
+
+    def under(self, prefix: str) -> "SavedLeaves | None":
+        """The leaves below ``prefix`` (``"params/"``; paths relative to it); None when
+        there are none (the caller then asks Orbax, whose error names what is saved)."""
+        if not prefix:
+            return self or None
+        out = SavedLeaves((path[len(prefix):], leaf) for path, leaf in self.items()
+                          if path.startswith(prefix))
         return out or None
 
 
