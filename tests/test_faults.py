@@ -410,3 +410,38 @@ def test_a_failed_background_delete_names_the_step_and_the_file(tmp_path):
     assert "Permission denied: '" in line and "intact ([2])" in line, line
     with CheckpointManager(d, read_only=True) as m:
         assert m.steps() == [2]
+
+
+UNCLOSED_CHILD = """
+    import sys, numpy as np, jaxckpt
+    m = jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(keep_latest=3))
+    m.save(1, {"x": np.arange(10.0)})
+    m.wait()
+    print("SAVED 1", flush=True)
+    sys.stdin.readline()  # the parent takes the write permission away
+    try:
+        m.save(2, {"x": np.arange(20.0)})
+        m.wait()
+    except jaxckpt.CheckpointWriteError as e:
+        print("ERROR", str(e).replace("\\n", " "), flush=True)
+    raise SystemExit(3)  # a script that gives up here, without closing the manager
+"""
+
+
+def test_a_process_that_gives_up_after_a_failed_save_exits_at_once(tmp_path):
+    """Orbax's writer thread once waited 300 s for a step directory that the failed save
+    never made, and the interpreter's exit waited for it (a script ending on the error
+    hung for five minutes). A hang shows here as the child outliving the timeout."""
+    d = tmp_path / "ckpt"
+    with spawn(UNCLOSED_CHILD, d, prefix=WITHOUT_DAC_OVERRIDE) as proc:
+        read_line(proc, "SAVED 1")
+        d.chmod(0o555)
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            error = read_line(proc, "ERROR")
+            assert error and "Permission denied" in error, error
+            assert proc.wait(timeout=120) == 3  # 300 s when the writer thread waits
+        finally:
+            d.chmod(0o755)
+    restorable(d, {1: np.arange(10.0)})
