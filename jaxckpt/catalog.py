@@ -184,18 +184,28 @@ class Catalog:
         return meta if not fmt.validate_meta(meta, step) else {}
 
     def _orbax_meta(self, step: int) -> dict:
-        """What plain Orbax stored: its metrics item, or the metrics in its metadata."""
-        for rel, pick in (("metrics/metrics", lambda d: d),
-                          (fmt.ORBAX_METADATA, lambda d: d.get("metrics"))):
-            try:
-                path = self.directory / str(step) / rel
-                metrics = pick(json.loads(self._io(path.read_text, "reading", path)))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                continue
+        """What plain Orbax stored: the metrics (its metrics item, else its step
+        metadata's) and the commit time (its step metadata's)."""
+        step_meta = self._orbax_json(step, fmt.ORBAX_METADATA)
+        step_meta = step_meta if isinstance(step_meta, dict) else {}
+        out: dict[str, Any] = {}
+        for metrics in (self._orbax_json(step, "metrics/metrics"), step_meta.get("metrics")):
             if isinstance(metrics, dict) and metrics and not fmt.validate_meta(
                     {"format": fmt.META_FORMAT, "step": step, "metrics": metrics}):
-                return {"step": step, "metrics": metrics}
-        return {}
+                out["metrics"] = metrics
+                break
+        committed = step_meta.get("commit_timestamp_nsecs")
+        if isinstance(committed, int) and not isinstance(committed, bool) and committed > 0:
+            out["time"] = committed / 1e9
+        return {"step": step, **out} if out else {}
+
+    def _orbax_json(self, step: int, rel: str) -> Any:
+        """A JSON file of a plain Orbax step, or None when unreadable."""
+        path = self.directory / str(step) / rel
+        try:
+            return json.loads(self._io(path.read_text, "reading", path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
 
     def _record(self, step: int, verdict: Verdict) -> Record:
         meta = self.read_meta(step)

@@ -130,10 +130,12 @@ def _checkpoints(mngr, *, checksums: bool) -> list[dict[str, Any]]:
     reasons = mngr.kept_reasons()
     kept = set(mngr.steps())
     best, latest = mngr.best_step(), mngr.latest_step()
+    times = {r.step: r.time for r in mngr.records()}  # Orbax's commit time for its steps
     rows = []
     for step in sorted(kept | set(_corrupt(verdicts))):
+        entry = {"time": times.get(step), **entries.get(step, {})}
         try:
-            rows.append(_row(mngr, step, entries.get(step, {}), verdicts[step], reasons,
+            rows.append(_row(mngr, step, entry, verdicts[step], reasons,
                              kept, best, latest, checksums))
         except (FileNotFoundError, KeyError):
             if (mngr.directory / str(step)).exists():
@@ -150,7 +152,7 @@ def _row(mngr, step, entry, verdict, reasons, kept, best, latest, checksums) -> 
         "path": str(mngr.directory / str(step)),
         "epoch": entry.get("epoch"),
         "metrics": (mngr.metrics(step) if step in kept else entry.get("metrics")) or {},
-        "kept": ([str(r) for r in reasons.get(step, ())] if step in kept
+        "kept": ([str(r) for r in reasons.get(step, ())] or _foreign(verdict) if step in kept
                  else ["set aside: corrupt"]),
         "best": step == best,
         "latest": step == latest,
@@ -160,6 +162,11 @@ def _row(mngr, step, entry, verdict, reasons, kept, best, latest, checksums) -> 
         "integrity": status,
         "problems": list(verdict.problems) if status == "corrupt" else [],
     }
+
+
+def _foreign(verdict: Any) -> list[str]:
+    # jaxckpt never deletes what plain Orbax wrote (unless adopted): kept whatever the policy
+    return ["orbax's own"] if verdict is not None and verdict.writer == "orbax" else []
 
 
 def _metric_order(names: Sequence[str], monitor: str | None) -> list[str]:

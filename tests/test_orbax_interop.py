@@ -227,6 +227,14 @@ def test_cli_ls_lists_a_plain_orbax_directory(tmp_path):
     assert [r[0] for r in rows if r and r[0].isdigit()] == ["10", "20", "30"]
     assert out.stdout.count("orbax, no manifest") == 3
     assert "stopped" not in out.stdout + out.stderr
+    # Kept (jaxckpt never deletes Orbax's steps) and written when Orbax committed them.
+    assert out.stdout.count("orbax's own") == 2 and " ? " not in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, "-m", "jaxckpt", "ls", str(directory), "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    for row in json.loads(out.stdout)["checkpoints"]:
+        committed = json.loads((directory / str(row["step"]) / "_CHECKPOINT_METADATA")
+                               .read_text())["commit_timestamp_nsecs"]
+        assert row["time"] == committed / 1e9 and row["kept"], row
     assert snapshot(directory) == before
 
 
