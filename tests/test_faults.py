@@ -336,7 +336,7 @@ def test_read_only_filesystem_then_writable_again(tmp_path):
 WITHOUT_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
 
 
-PERMISSION_CHILD = """
+SAVE_THEN_FAIL = """
     import sys, numpy as np, jaxckpt
     d, ro = sys.argv[1], sys.argv[2]
     try:
@@ -354,6 +354,8 @@ PERMISSION_CHILD = """
         print("NO ERROR", flush=True)
     except jaxckpt.CheckpointWriteError as e:
         print("ERROR", str(e).replace("\\n", " "), flush=True)
+"""
+PERMISSION_CHILD = SAVE_THEN_FAIL + """
     print("STEPS", m.steps(), m.verify(), flush=True)
     sys.stdin.readline()  # the parent gives it back
     m.save(3, {"x": np.arange(30.0)})
@@ -412,19 +414,9 @@ def test_a_failed_background_delete_names_the_step_and_the_file(tmp_path):
         assert m.steps() == [2]
 
 
-UNCLOSED_CHILD = """
-    import sys, numpy as np, jaxckpt
-    m = jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(keep_latest=3))
-    m.save(1, {"x": np.arange(10.0)})
-    m.wait()
-    print("SAVED 1", flush=True)
-    sys.stdin.readline()  # the parent takes the write permission away
-    try:
-        m.save(2, {"x": np.arange(20.0)})
-        m.wait()
-    except jaxckpt.CheckpointWriteError as e:
-        print("ERROR", str(e).replace("\\n", " "), flush=True)
-    raise SystemExit(3)  # a script that gives up here, without closing the manager
+# A script that gives up after the error, without closing the manager.
+UNCLOSED_CHILD = SAVE_THEN_FAIL + """
+    raise SystemExit(3)
 """
 
 
@@ -432,8 +424,9 @@ def test_a_process_that_gives_up_after_a_failed_save_exits_at_once(tmp_path):
     """Orbax's writer thread once waited 300 s for a step directory that the failed save
     never made, and the interpreter's exit waited for it (a script ending on the error
     hung for five minutes). A hang shows here as the child outliving the timeout."""
-    d = tmp_path / "ckpt"
-    with spawn(UNCLOSED_CHILD, d, prefix=WITHOUT_DAC_OVERRIDE) as proc:
+    d, ro = tmp_path / "ckpt", tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with spawn(UNCLOSED_CHILD, d, ro, prefix=WITHOUT_DAC_OVERRIDE) as proc:
         read_line(proc, "SAVED 1")
         d.chmod(0o555)
         try:
