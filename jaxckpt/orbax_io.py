@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt import fingerprint, storage
+from jaxckpt import fingerprint
 from jaxckpt import format as fmt
 from jaxckpt import target as target_lib
 from jaxckpt.errors import CheckpointNotFoundError, RestoreStructureError
@@ -64,12 +64,9 @@ def new_manager(directory: epath.Path, *, async_save: bool, read_only: bool,
         # Do not read every step's metadata at start-up: one damaged step would make
         # the whole directory unusable (jaxckpt's catalog checks each step itself).
         lightweight_initialize=True,
-        # On a disk the step directory is made before save() returns (a mkdir): made in
-        # the background, a failure to make it (a read-only or full disk) leaves Orbax's
-        # writer thread waiting for it for 300 s, and the process hanging that long at
-        # exit. On a store making it costs round trips, so it stays in the background.
-        async_options=ocp.options.AsyncOptions(
-            create_directories_asynchronously=storage.is_remote(directory)),
+        # Orbax makes the step directory in the background: the writer probes a local
+        # directory first (storage.probe_mkdir), since a failure there would leave
+        # Orbax's writer waiting 300 s for it.
     )
     handlers = {fmt.STATE: _state_handler(), fmt.META: ocp.JsonCheckpointHandler(),
                 fmt.DATA_STATE: ocp.JsonCheckpointHandler()}

@@ -135,13 +135,21 @@ class Writer:
 
     def write(self, step, state, metrics, epoch, data_state, now, value, reason,
                started) -> None:
-        # Never re-create a directory deleted under the run. A disk only: a store has no
-        # directories to delete, and the lookup would cost a round trip in every save().
-        if not storage.is_remote(self.directory) and not self.directory.exists():
-            raise CheckpointDirectoryError(
-                f"checkpoint directory {self.directory} was deleted or renamed while this run was "
-                "writing to it; nothing was re-created. Restore it, or save into a new "
-                "directory with a new CheckpointManager.")
+        # A disk only: a store has no directories to delete or make, and a probe would cost
+        # a round trip in every save().
+        if not storage.is_remote(self.directory):
+            try:
+                storage.probe_mkdir(self.directory)
+            except FileNotFoundError:  # never re-create a directory deleted under the run
+                self.ledger.mark_unsaved([step])
+                raise CheckpointDirectoryError(
+                    f"checkpoint directory {self.directory} was deleted or renamed while this "
+                    "run was writing to it; nothing was re-created. Restore it, or save into "
+                    "a new directory with a new CheckpointManager.") from None
+            except OSError as e:
+                self.ledger.mark_unsaved([step])
+                raise write_error(f"saving step {step} to {self.directory}", e,
+                                  self.catalog.steps()) from e
         previous = self.catalog.latest()
         records = list(self.catalog.records.values())
         improved = self.policy.improves(value, records) if self.policy.monitor else None
