@@ -47,6 +47,15 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def settle() -> None:
+    """Write back every dirty page (``sync``) and let the disk go quiet, so that the next
+    timed write pays for its own pages only: the kernel charges writeback of earlier
+    writes (the previous save's, another process's) to whichever process is writing when
+    the dirty limit is reached, which made idle-save CPU vary by up to 2x between runs."""
+    os.sync()
+    time.sleep(0.2)
+
+
 class RssSampler:
     """Samples this process's resident set size in a thread, for the peak of a window."""
 

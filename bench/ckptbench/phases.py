@@ -158,9 +158,11 @@ def idle_writes(ctx: Context, host: list, base: str, reps: int) -> dict:
     for i in range(reps):
         emit(f"writes {i + 1}/{reps}")
         files.append(f"{base}/disk-bandwidth-{i}.bin")
+        measure.settle()
         disk.append(measure.disk_write(host, files[-1]))
         for kind in rotated(KINDS, i):
             ctx.w.run(1)  # fresh buffers: on GPU a second save would reuse the host copy
+            measure.settle()
 
             def write(kind=kind):
                 ctx.save(kind)
