@@ -282,6 +282,18 @@ def _derive_seed(seed: int, purpose: str) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
 
 
+def _split_permutation(n: int, seed: int) -> np.ndarray:
+    """The permutation of ``range(n)`` that :func:`split_dataset` cuts into parts.
+
+    grain's index shuffle: documented deterministic for a given seed, independent of
+    numpy's Generator streams (which numpy does not promise to keep across versions).
+    Read by index, not by iterating: iteration starts grain's threaded reader, ~2 s for
+    1,797 indices against ~0.1 s. Resume depends on these exact values.
+    """
+    shuffled = grain.MapDataset.range(n).shuffle(_derive_seed(seed, "split"))
+    return np.array([shuffled[i] for i in range(n)], dtype=np.int64)
+
+
 def split_dataset(
     dataset: grain.MapDataset,
     fractions: Sequence[float] | Mapping[str, float] = (0.7, 0.15, 0.15),
@@ -324,11 +336,7 @@ def split_dataset(
             f"got length {n}."
         )
 
-    # grain's index shuffle: documented deterministic for a given seed, independent of
-    # numpy's Generator streams (which numpy does not promise to keep across versions).
-    permutation = np.fromiter(
-        grain.MapDataset.range(n).shuffle(_derive_seed(seed, "split")), dtype=np.int64, count=n
-    )
+    permutation = _split_permutation(n, seed)
     bounds = [0, *(round(n * c) for c in np.cumsum(fracs)[:-1]), n]
     indices = grain.MapDataset.source(permutation)
     lookup = _Lookup(dataset)

@@ -128,6 +128,17 @@ def test_split_deterministic_and_seeded(digits_dir, splits):
     assert set(_indices(other["test"]).tolist()) != set(_indices(splits["test"]).tolist())
 
 
+@pytest.mark.parametrize("n,seed", [(1, 0), (2, 5), (300, 2**31 + 7), (N_DIGITS, 0)])
+def test_split_permutation_is_grains_iteration_order(n, seed):
+    # split_dataset reads the shuffle by index (fast); checkpoints written when it
+    # iterated the shuffled dataset must still resume into the same parts.
+    iterated = np.fromiter(grain.MapDataset.range(n).shuffle(data._derive_seed(seed, "split")),
+                           dtype=np.int64, count=n)
+    got = data._split_permutation(n, seed)
+    assert got.dtype == np.int64 and sorted(got.tolist()) == list(range(n))
+    np.testing.assert_array_equal(got, iterated)
+
+
 def test_split_is_stable_across_epochs(splits):
     # grain wraps indices past the end into later "epochs"; a part must still map to
     # the same examples there, or per-epoch shuffling would leak other parts in.

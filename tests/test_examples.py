@@ -5,16 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _jax_cache import compile_cache_env
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reader_env(tmp_path_factory, **extra):
+def reader_env(**extra):
     """A reader's machine: one CPU device (not the tests' four); compiled programs come
-    from the session's cache when an earlier run compiled them."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-            **compile_cache_env(tmp_path_factory), **extra}
+    from the session's cache (conftest) when an earlier run compiled them."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **extra}
 
 
 def test_nnx_example(tmp_path, digits_dir):
@@ -25,24 +22,24 @@ def test_nnx_example(tmp_path, digits_dir):
     assert (tmp_path / "history.png").exists()
 
 
-def test_crash_and_resume_example(tmp_path, digits_dir, tmp_path_factory):
+def test_crash_and_resume_example(tmp_path, digits_dir):
     out = subprocess.run([sys.executable, str(REPO / "examples" / "crash_and_resume.py"),
                           "--workdir", str(tmp_path), "--epochs", "3"],
                          capture_output=True, text=True,
-                         env=reader_env(tmp_path_factory, JAXCKPT_DATA_DIR=str(digits_dir)))
+                         env=reader_env(JAXCKPT_DATA_DIR=str(digits_dir)))
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "killed the run with SIGKILL" in out.stdout
     assert "identical to the reference: True" in out.stdout
 
 
-def test_readme_numbers_are_what_the_demo_prints(tmp_path, digits_dir, tmp_path_factory):
+def test_readme_numbers_are_what_the_demo_prints(tmp_path, digits_dir):
     """The README's demo numbers come from `python -m jaxckpt.demo --readme README.md`; the
     same command with --check reruns the demo (one CPU device, as the README's) and compares."""
     import re
 
     from jaxckpt import demo
 
-    env = reader_env(tmp_path_factory, JAXCKPT_DATA_DIR=str(digits_dir), PYTHONPATH=str(REPO))
+    env = reader_env(JAXCKPT_DATA_DIR=str(digits_dir), PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-m", "jaxckpt.demo", "--check",
                           str(REPO / "README.md"), "--workdir", str(tmp_path)],
                          capture_output=True, text=True, env=env)
@@ -65,14 +62,14 @@ def readme_trainer_example() -> str:
     return after.split("```python\n")[1].split("```")[0]
 
 
-def test_readme_trainer_example_trains_on_xy_with_a_callback_csv_and_tensorboard(
-        tmp_path, tmp_path_factory):
+def test_readme_trainer_example_trains_on_xy_with_a_callback_csv_and_tensorboard(tmp_path):
     code = readme_trainer_example().replace("/tmp/xy-run", str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, env=reader_env(tmp_path_factory))
+                         cwd=tmp_path, env=reader_env())
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "new run in" in out.stdout and "'accuracy'" in out.stdout
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy") and len(rows) >= 2
+    assert len(rows) - 1 < 30  # StopWhenGood ended the run before its 30 epochs
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "history.png").stat().st_size > 10_000

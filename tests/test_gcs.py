@@ -274,10 +274,8 @@ def test_corrupt_object_is_named_skipped_and_moved_aside(gcs, gs_dir, capsys):
 
 
 @pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tfds")
-    data.prepare_digits(d)
-    ds = data.load_tfds("sklearn_digits", "train", data_dir=d).map(data.normalize)
+def splits(digits_dir):
+    ds = data.load_tfds("sklearn_digits", "train", data_dir=digits_dir).map(data.normalize)
     return data.split_dataset(ds, (0.7, 0.15, 0.15), seed=0)
 
 
@@ -307,12 +305,12 @@ def test_trainer_fit_on_gs_stops_resumes_and_matches_an_uninterrupted_run(gcs, g
         assert {str(s) for s in mngr.steps()} | {"jaxckpt.json"} == top_level(gcs, prefix)
 
 
-def test_example_takes_a_gs_checkpoint_dir(gs_dir, tmp_path):
+def test_example_takes_a_gs_checkpoint_dir(gs_dir, tmp_path, digits_dir):
     from jaxckpt.examples import fit_digits
 
     directory, _ = gs_dir
     result = fit_digits.main(["--workdir", str(tmp_path), "--checkpoint-dir", directory,
-                              "--epochs", "1", "--quiet", "--data-dir", str(tmp_path / "tfds")])
+                              "--epochs", "1", "--quiet", "--data-dir", str(digits_dir)])
     assert result["best_step"] is not None
     assert (tmp_path / "history.png").exists() and not (tmp_path / "checkpoints").exists()
     with CheckpointManager(directory, read_only=True) as mngr:

@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxckpt  # noqa: E402
 from jaxckpt import parallel as par  # noqa: E402
-from _jax_cache import compile_cache_env  # noqa: E402
 
 STEPS, EVERY, KILL_AFTER = 12, 3, 9
 CHURN_SAVES, CHURN_INNER = 20, 5  # mode "churn": every save deletes the previous one
@@ -187,9 +186,8 @@ def runs(tmp_path_factory):
     if jax.device_count() < 4:
         raise RuntimeError("needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
     whole, broken = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("broken")
-    compile_cache = compile_cache_env(tmp_path_factory)
-    reference = _launch(whole, "whole", **compile_cache)  # runs alongside the killed pair
-    killed = _launch(broken, "killed", **compile_cache)
+    reference = _launch(whole, "whole")  # runs alongside the killed pair
+    killed = _launch(broken, "killed")
     try:
         for proc in killed:
             _wait_for(proc, f"AT {KILL_AFTER - 1}")
@@ -209,7 +207,7 @@ def runs(tmp_path_factory):
             proc.communicate()
     step_9_committed = (broken / str(KILL_AFTER)).exists()
     assert step_9_committed or list(broken.glob(f"{KILL_AFTER}.orbax-checkpoint-tmp*"))
-    resumed = _launch(broken, "resume", **compile_cache)
+    resumed = _launch(broken, "resume")
     outs = _finish(resumed) + _finish(reference)
     assert all(out.strip().endswith("DONE") for out, _ in outs)
     restarted_from = int(outs[0][0].split("RESUMED ")[1].split()[0])
@@ -265,13 +263,12 @@ def test_restores_in_one_process_on_one_device_and_on_another_mesh(runs):
                  jax.device_get(after4.params), jax.device_get(after1.params))
 
 
-def test_deleting_while_training_does_not_deadlock(tmp_path, tmp_path_factory):
+def test_deleting_while_training_does_not_deadlock(tmp_path):
     """Orbax's delete() ends in a device-collective barrier; run from the background
     commit it interleaved with the train step's collectives differently on each process
     and hung the job (at the second save, on a 2-core machine). Deletions now wait for
     the calling thread, where both processes make the same calls in the same order."""
-    cache = compile_cache_env(tmp_path_factory)
-    outs = _finish(_launch(tmp_path, "churn", **cache))  # a hang: fails on timeout
+    outs = _finish(_launch(tmp_path, "churn"))  # a hang: fails on timeout
     assert all(out.strip().endswith("DONE") for out, _ in outs)
     with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
         assert mngr.steps() == [CHURN_SAVES]
@@ -281,12 +278,12 @@ def test_deleting_while_training_does_not_deadlock(tmp_path, tmp_path_factory):
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(
-        tmp_path, digits_dir, tmp_path_factory):
+        tmp_path, digits_dir):
     """A preempted multi-process job: SIGTERM reaches process 1 only. Both processes agree
     on the step (an allgather of the flag after each step), save it together, exit 0; the
     job restarted with the same command ends bit for bit where an uninterrupted job ends."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    env = {"JAXCKPT_DATA_DIR": str(digits_dir), **compile_cache_env(tmp_path_factory)}
+    env = {"JAXCKPT_DATA_DIR": str(digits_dir)}
     reference = _launch(whole, "fit", **env)
     signalled = _launch(broken, "fit", **env)
     deadline = time.monotonic() + 180

@@ -19,7 +19,6 @@ from flax import nnx
 
 import jaxckpt
 from jaxckpt import data
-from _jax_cache import compile_cache_env
 from _util import MLP, leaves_equal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +49,7 @@ def run_ok(cmd):
 
 
 def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO),
-            **_CACHE}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
 
 
 def final_state(workdir):
@@ -277,13 +275,12 @@ def single_device_losses(splits):
     return _single
 
 
-_DATA, _CACHE = [], {}
+_DATA = []
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _remember_session_paths(data_dir, tmp_path_factory):
+def _remember_session_paths(data_dir):
     _DATA[:] = [data_dir]
-    _CACHE.update(compile_cache_env(tmp_path_factory))  # for every subprocess, via _env()
 
 
 def test_pmap_checkpoint_resumes_in_sharded_mode_on_two_devices(splits, data_dir, tmp_path):
