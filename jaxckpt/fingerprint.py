@@ -13,12 +13,13 @@ CPU), and on the arrays Orbax has just restored, so a restore reads each file on
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxckpt.target import path_str, per_sharding, saved_leaf
 
 __all__ = ["of_tree", "resolve", "mismatches"]
 
@@ -75,19 +76,13 @@ def _host_bytes(x: Any) -> np.ndarray | None:
     held whole by this process, or numpy), else None."""
     if isinstance(x, (np.ndarray, np.generic)):
         return np.ascontiguousarray(x)
-    try:
-        local = _local_cpu(x.sharding)
-    except TypeError:  # an unhashable sharding
-        local = _local_cpu.__wrapped__(x.sharding)
-    if local:
+    if _local_cpu(x.sharding):
         return np.ascontiguousarray(np.asarray(x))  # a zero-copy view on one CPU device
     return None
 
 
-@functools.lru_cache(maxsize=64)
+@per_sharding
 def _local_cpu(sharding: jax.sharding.Sharding) -> bool:
-    # Per sharding, not per leaf: is_fully_addressable asks for the process index (~70 µs),
-    # and a state of a thousand leaves has a handful of shardings.
     return sharding.is_fully_addressable and all(d.platform == "cpu"
                                                  for d in sharding.device_set)
 
@@ -137,7 +132,6 @@ def _crc32c() -> Any:
 def of_tree(tree: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """``{leaf path: (started fingerprint or None, what is saved)}`` for every leaf of a
     tree about to be saved (:func:`jaxckpt.target.to_saveable`'s)."""
-    from jaxckpt.target import path_str, saved_leaf
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {prefix + path_str(path): (pending(leaf), saved_leaf(leaf)) for path, leaf in flat}
 
@@ -153,7 +147,6 @@ def resolve(started: dict[str, tuple[Any, Any]]) -> dict[str, dict]:
 def mismatches(tree: Any, expected: dict[str, dict[str, int]], prefix: str = "") -> list[str]:
     """Leaves of a restored ``tree`` whose data differ from the fingerprints saved with it
     (each computed the way it was at save time, wherever the array now lives)."""
-    from jaxckpt.target import path_str
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     problems = []
     for path, leaf in flat:

@@ -10,7 +10,6 @@ subtree (``partial_restore``): the other arrays' bytes are never read.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -179,16 +178,11 @@ def _placed_after(leaf: Any) -> jax.sharding.Sharding | None:
     if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None or \
             leaf.size * leaf.dtype.itemsize > _PLACED_AFTER_MAX_BYTES:
         return None
-    try:
-        whole = _whole_here(leaf.sharding)
-    except TypeError:  # an unhashable sharding
-        whole = _whole_here.__wrapped__(leaf.sharding)
-    return leaf.sharding if whole else None
+    return leaf.sharding if _whole_here(leaf.sharding) else None
 
 
-@functools.lru_cache(maxsize=64)
+@target_lib.per_sharding
 def _whole_here(sharding: jax.sharding.Sharding) -> bool:
-    # Per sharding, not per leaf: is_fully_addressable asks for the process index (~70 µs).
     return sharding.is_fully_addressable
 
 

@@ -304,11 +304,6 @@ def probe_mkdir(directory: epath.Path) -> None:
     os.rmdir(probe)
 
 
-def is_link(path: epath.Path) -> bool:
-    """Whether ``path`` is a symbolic link (never on object stores)."""
-    return not is_remote(path) and os.path.islink(os.fspath(path))
-
-
 def inside(root: epath.Path, path: epath.Path) -> bool:
     """Whether ``path`` (symlinks resolved) lies inside ``root``; always True on stores."""
     if is_remote(root):

@@ -35,6 +35,7 @@ refused rather than wrapped around.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -143,6 +144,22 @@ def path_str(path: Sequence[Any]) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts)
+
+
+def per_sharding(fn: Callable[[jax.sharding.Sharding], bool]
+                 ) -> Callable[[jax.sharding.Sharding], bool]:
+    """``fn``, cached per sharding: a state of a thousand leaves has a handful of
+    shardings, and what is asked of one costs ~70 µs (``is_fully_addressable`` asks for the
+    process index). An unhashable sharding is asked each time."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def lookup(sharding: jax.sharding.Sharding) -> bool:
+        try:
+            return cached(sharding)
+        except TypeError:  # unhashable
+            return fn(sharding)
+    return lookup
 
 
 def _local_sharding() -> jax.sharding.Sharding:

@@ -140,14 +140,13 @@ class Writer:
         if not storage.is_remote(self.directory):
             try:
                 storage.probe_mkdir(self.directory)
-            except FileNotFoundError:  # never re-create a directory deleted under the run
-                self.ledger.mark_unsaved([step])
-                raise CheckpointDirectoryError(
-                    f"checkpoint directory {self.directory} was deleted or renamed while this "
-                    "run was writing to it; nothing was re-created. Restore it, or save into "
-                    "a new directory with a new CheckpointManager.") from None
             except OSError as e:
                 self.ledger.mark_unsaved([step])
+                if isinstance(e, FileNotFoundError):  # never re-create a deleted directory
+                    raise CheckpointDirectoryError(
+                        f"checkpoint directory {self.directory} was deleted or renamed while "
+                        "this run was writing to it; nothing was re-created. Restore it, or "
+                        "save into a new directory with a new CheckpointManager.") from None
                 raise write_error(f"saving step {step} to {self.directory}", e,
                                   self.catalog.steps()) from e
         previous = self.catalog.latest()
