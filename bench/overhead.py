@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compare the first N Orbax storage variants (default: all "
                         f"{len(TUNING_VARIANTS)}; with --quick none unless this is given)")
     p.add_argument("--no-tuning", action="store_true", help="skip the Orbax options comparison")
+    p.add_argument("--no-prefault", action="store_true",
+                   help="do not touch and free memory before each timed operation (on a VM "
+                        "that hands free pages back to its host, timings then vary ~2x)")
     p.add_argument("--keep-logs", action="store_true", help="keep the subprocess logs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)

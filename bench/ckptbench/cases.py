@@ -42,7 +42,7 @@ def run_size(cfg: dict) -> dict:
     step_s = phases.step_time(w, cfg["interval"])
     every = cfg["steps"] or max(2, round(cfg["interval"] / step_s))
     both = _both(base)
-    ctx = phases.Context(w, both, every, rss)
+    ctx = phases.Context(w, both, every, rss, prefault=cfg["prefault"])
     try:
         first = phases.first_save(ctx)
         blocks = phases.interleaved_periods(ctx, cfg["rounds"])
@@ -53,9 +53,8 @@ def run_size(cfg: dict) -> dict:
         finally:
             sync_saver.close()
             measure.rmtree(f"{base}/sync")
-        d2h = phases.device_to_host(w)
-        # At least 5: on this VM a save's CPU time is bimodal (0.7 or 1.6 s at 512 MiB,
-        # for either kind, the slow mode at random), and a median of 3 is a coin flip.
+        d2h = phases.device_to_host(ctx)
+        # At least 5 rounds of the figures most exposed to the host's page and disk noise.
         writes = phases.idle_writes(ctx, d2h.pop("host"), base, max(cfg["rounds"], 5))
         on_disk = measure.tree_bytes(both["jaxckpt"].step_dir(ctx.last_step["jaxckpt"]))
         reads = phases.cold_reads(ctx, writes.pop("files"), local)
@@ -86,7 +85,7 @@ def run_leaves(cfg: dict) -> dict:
     emit("compiling")
     w.run(2)
     both = _both(base)
-    ctx = phases.Context(w, both, every=1, rss=None)
+    ctx = phases.Context(w, both, every=1, rss=None, prefault=cfg["prefault"])
     kinds = phases.KINDS
     blocked = {k: [] for k in kinds}
     save_s = {k: [] for k in kinds}
@@ -99,6 +98,7 @@ def run_leaves(cfg: dict) -> dict:
             emit(f"saves {r + 1}/{cfg['rounds']}")
             for kind in phases.rotated(kinds, r):
                 w.run(1)
+                ctx.back_pages()
                 held = []
 
                 def write(kind=kind, held=held):
@@ -114,6 +114,7 @@ def run_leaves(cfg: dict) -> dict:
             for kind in phases.rotated(kinds, r):
                 if local:
                     measure.drop_page_cache(both[kind].directory)
+                ctx.back_pages()
                 t = time.perf_counter()
                 jax.block_until_ready(both[kind].restore(ctx.last_step[kind], target))
                 restore_s[kind].append(time.perf_counter() - t)

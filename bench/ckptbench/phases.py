@@ -23,9 +23,16 @@ class Context:
     w: Workload
     savers: dict[str, Any]  # kind -> JaxckptSaver / OrbaxSaver
     every: int  # steps of training between saves
-    rss: measure.RssSampler
+    rss: measure.RssSampler | None
+    prefault: bool = True  # measure.back_free_pages before each timed operation
     gstep: int = 0
     last_step: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def back_pages(self) -> None:
+        """Backed free pages for the next timed operation: as many as its page cache and
+        a copy of the state can take (see ``measure.back_free_pages``)."""
+        if self.prefault:
+            measure.back_free_pages(2 * self.w.state_bytes + 64 * measure.MiB)
 
     def save(self, kind: str) -> float:
         """One save of the current state at a new step; returns how long it blocked."""
@@ -58,6 +65,7 @@ def period(ctx: Context, kind: str) -> dict:
 
     ``kind`` "none" is the same K steps without a save: the baseline.
     """
+    ctx.back_pages()
     before = ctx.rss.now()
     cpu0, start = time.process_time(), time.perf_counter()
     blocked = ctx.save(kind) if kind != "none" else 0.0
@@ -119,7 +127,7 @@ def sync_saves(ctx: Context, saver, n: int = 2) -> list[float]:
     return out
 
 
-def device_to_host(w: Workload, n: int = 3) -> dict:
+def device_to_host(ctx: Context, n: int = 3) -> dict:
     """``jax.device_get`` and a real ``np.array(x, copy=True)`` of fresh buffers.
 
     A step runs before each copy: a jax.Array caches its host value, so a second
@@ -128,6 +136,7 @@ def device_to_host(w: Workload, n: int = 3) -> dict:
     import jax
 
     emit("device-to-host")
+    w = ctx.w
     get, copy = [], []
     for _ in range(n):
         w.run(1)
@@ -139,6 +148,7 @@ def device_to_host(w: Workload, n: int = 3) -> dict:
     for _ in range(n):
         host = None  # free the previous copy first, as a save would have
         w.run(1)
+        ctx.back_pages()
         t = time.perf_counter()
         host = w.host_copy()
         copy.append(time.perf_counter() - t)
@@ -159,10 +169,12 @@ def idle_writes(ctx: Context, host: list, base: str, reps: int) -> dict:
         emit(f"writes {i + 1}/{reps}")
         files.append(f"{base}/disk-bandwidth-{i}.bin")
         measure.settle()
+        ctx.back_pages()
         disk.append(measure.disk_write(host, files[-1]))
         for kind in rotated(KINDS, i):
             ctx.w.run(1)  # fresh buffers: on GPU a second save would reuse the host copy
             measure.settle()
+            ctx.back_pages()
 
             def write(kind=kind):
                 ctx.save(kind)
@@ -191,11 +203,14 @@ def cold_reads(ctx: Context, files: list[str], local: bool) -> dict:
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     disk, exact = [], True
     for i, path in enumerate(files):
+        measure.drop_page_cache(path)
+        ctx.back_pages()
         disk.append(measure.disk_read(path))
         for kind in rotated(KINDS, i):
             saver = ctx.savers[kind]
             if local:
                 measure.drop_page_cache(saver.directory)
+            ctx.back_pages()
             t = time.perf_counter()
             restored = saver.restore(ctx.last_step[kind], target)
             jax.block_until_ready(restored)

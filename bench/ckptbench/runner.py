@@ -31,7 +31,8 @@ def plan(args, base: str, work: Path) -> tuple[dict, list[dict]]:
                   rounds=args.rounds or preset["rounds"],
                   blocking_reps=(preset["blocking_reps"] if args.blocking_reps is None
                                  else args.blocking_reps),
-                  layers=args.layers, batch=args.batch, quick=args.quick)
+                  layers=args.layers, batch=args.batch, quick=args.quick,
+                  prefault=not args.no_prefault)
     jobs = [dict(common, job="size", size_mb=s, label=f"{s:g} MiB") for s in sizes]
     if not args.no_leaves:
         n = args.leaves or preset["leaves"]
