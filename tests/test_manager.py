@@ -185,6 +185,24 @@ def test_donated_buffers_after_async_save(tmp_path):
         assert leaves_equal(m.restore(5, target=init_state()).params, saved.params)
 
 
+def test_fingerprints_are_of_the_saved_bytes_while_the_caller_overwrites_them(tmp_path):
+    """The fingerprints are computed on a thread of their own while Orbax writes. Steps
+    that donate and overwrite the saved buffers right after save() (big enough that the
+    CRC is still running) change neither the checkpoint nor its fingerprints."""
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1.0, s), donate_argnums=0)
+    state = {f"w{i}": jnp.full((512, 1024), float(i), jnp.float32) for i in range(8)}  # 16 MiB
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=3)) as m:
+        for step in (1, 2):
+            expected = jax.device_get(state)
+            m.save(step, state)
+            for _ in range(3):
+                state = bump(state)
+        m.wait()
+        assert m.verify() == {1: [], 2: []}
+        assert leaves_equal(m.restore(2), expected)
+        assert leaves_equal(m.restore(1), {k: v - 3.0 for k, v in expected.items()})
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 

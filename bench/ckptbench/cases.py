@@ -54,8 +54,8 @@ def run_size(cfg: dict) -> dict:
             sync_saver.close()
             measure.rmtree(f"{base}/sync")
         d2h = phases.device_to_host(ctx)
-        # At least 5 rounds of the figures most exposed to the host's page and disk noise.
-        writes = phases.idle_writes(ctx, d2h.pop("host"), base, max(cfg["rounds"], 5))
+        # At least 7 rounds of the figures most exposed to page and disk noise.
+        writes = phases.idle_writes(ctx, d2h.pop("host"), base, max(cfg["rounds"], 7))
         on_disk = measure.tree_bytes(both["jaxckpt"].step_dir(ctx.last_step["jaxckpt"]))
         reads = phases.cold_reads(ctx, writes.pop("files"), local)
     finally:

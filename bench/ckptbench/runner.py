@@ -17,7 +17,7 @@ from pathlib import Path
 from ckptbench import measure, progress, report, savers
 from ckptbench.cases import TUNING_VARIANTS, units
 
-QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=3, blocking_reps=3,
+QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=3, blocking_reps=5,
              auto_size=32.0, tuning_size=64.0, leaves=1000)
 FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=6.0, rounds=3, blocking_reps=4,
             auto_size=128.0, tuning_size=256.0, leaves=4000)
