@@ -5,13 +5,10 @@ The calling thread decides (what to write, what the write replaces) and hands th
 one FIFO background thread: wait for Orbax's commit, write the manifest with the array
 fingerprints taken at save time, delete the replaced steps, write ledger snapshots. A
 failure there is raised at the next call, after the catalog has been re-read from disk.
-The fingerprints are computed on a thread of their own while Orbax writes, so that a save
-takes no longer than Orbax's when a core is free.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
 import threading
@@ -69,10 +66,6 @@ class Writer:
         self._drain_timeout = timeout  # for the background work: see write_deadline
         self.ocp = self._new_orbax()
         self.background = Background()
-        # CRCs of host arrays, computed while Orbax writes (see write); one thread, so a
-        # save's CRC never competes with the previous one's.
-        self._fingerprints = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="jaxckpt-fingerprint")
         self._last_flush = time.monotonic()
         self._doing = "background work"  # what the background thread does now, for errors
         self._abandoned = threading.Event()  # set by close() past the deadline: a late
@@ -92,7 +85,6 @@ class Writer:
                 f"closing the manager of {self.directory}: {self._doing} did not finish "
                 f"within {self.timeout:.0f} s (a stalled store?); it was abandoned, and this "
                 "manager writes nothing more. Every committed checkpoint is intact.")
-        self._fingerprints.shutdown()
         self.ocp.close()
 
     # -- deciding ----------------------------------------------------------------------
@@ -182,30 +174,25 @@ class Writer:
             self.catalog.forget(s)
         log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
                   sorted(kept), stale)
-        # Started after Orbax's save returned: before, it would hold the GIL that save()
-        # needs. Only the primary writes a manifest (a multi-process array's fingerprint
-        # was dispatched on every process by of_tree).
-        arrays = self._fingerprints.submit(fingerprint.resolve, started) if self.primary \
-            else None
+        self.background.submit(self._noted(self._commit), step, stale, start, blocked, started)
         self._drain_timeout = write_deadline(self.timeout, started)
-        self.background.submit(self._noted(self._commit), step, stale, start, blocked, arrays)
         self.maybe_flush_ledger()
         if not self.async_save:
             self.finish_pending()
 
     def _commit(self, step: int, stale: list[int], start: float, blocked: float,
-                arrays: concurrent.futures.Future | None) -> None:
+                started: dict) -> None:
         """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
         what it replaced (never before: an older checkpoint outlives a failed newer one)."""
         step_dir = self.directory / str(step)
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
         self.ocp.wait_until_finished()  # no deadline of its own: finish_pending has it
         self.ocp.check_for_errors()
-        if arrays is not None and not self._abandoned.is_set():
-            record = arrays.result()  # computed meanwhile: no longer than Orbax's write
+        if self.primary and not self._abandoned.is_set():
+            arrays = fingerprint.resolve(started)
             self._doing = f"writing the manifest of checkpoint {step} in {step_dir}"
             storage.call(lambda: integrity.write_manifest(
-                step_dir, integrity.build_manifest(step_dir, step, record)),
+                step_dir, integrity.build_manifest(step_dir, step, arrays)),
                 what="writing the manifest in", path=step_dir, timeout=self.timeout)
             for s in stale:  # plain file operations: no collective, safe on this thread
                 if self._abandoned.is_set():  # abandoned after a stall: leave it for the next run

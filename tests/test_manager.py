@@ -186,9 +186,9 @@ def test_donated_buffers_after_async_save(tmp_path):
 
 
 def test_fingerprints_are_of_the_saved_bytes_while_the_caller_overwrites_them(tmp_path):
-    """The fingerprints are computed on a thread of their own while Orbax writes. Steps
-    that donate and overwrite the saved buffers right after save() (big enough that the
-    CRC is still running) change neither the checkpoint nor its fingerprints."""
+    """The fingerprints are computed in the background, after save() has returned. Steps
+    that donate and overwrite the saved buffers right away (16 MiB: Orbax is still
+    writing) change neither the checkpoint nor its fingerprints."""
     bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1.0, s), donate_argnums=0)
     state = {f"w{i}": jnp.full((512, 1024), float(i), jnp.float32) for i in range(8)}  # 16 MiB
     with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=3)) as m:
