@@ -35,11 +35,17 @@ class Context:
             measure.back_free_pages(2 * self.w.state_bytes + 64 * measure.MiB)
 
     def save(self, kind: str) -> float:
-        """One save of the current state at a new step; returns how long it blocked."""
+        """One save of the current state at a new step; returns how long it blocked.
+
+        The metric saved improves at every save, so jaxckpt (best 1 + latest 1) replaces
+        exactly one checkpoint per save, as raw Orbax (latest 2) does. With the training
+        loss a save replaced 0, 1 or 2 checkpoints as the policy decided (deleting one of
+        512 MiB takes ~0.35 s here), and medians compared different work.
+        """
         self.gstep += self.every
         self.last_step[kind] = self.gstep
-        loss = self.w.loss()  # syncs with the step first: the blocking is the save's own
-        return self.savers[kind].save(self.gstep, self.w.state, loss)
+        self.w.loss()  # syncs with the step first: the blocking is the save's own
+        return self.savers[kind].save(self.gstep, self.w.state, 1.0 / self.gstep)
 
 
 def rotated(kinds, i: int) -> list:
