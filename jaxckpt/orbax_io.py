@@ -63,8 +63,8 @@ def new_manager(directory: epath.Path, *, async_save: bool, read_only: bool,
         # Do not read every step's metadata at start-up: one damaged step would make
         # the whole directory unusable (jaxckpt's catalog checks each step itself).
         lightweight_initialize=True,
-        # Orbax makes the step directory in the background: the writer probes a local
-        # directory first (storage.probe_mkdir), since a failure there would leave
+        # Orbax makes the step directory in the background: the writer checks a local
+        # directory first (storage.check_writable), since a failure there would leave
         # Orbax's writer waiting 300 s for it.
     )
     handlers = {fmt.STATE: _state_handler(), fmt.META: ocp.JsonCheckpointHandler(),

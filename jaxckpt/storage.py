@@ -8,6 +8,7 @@ run. A timed-out call keeps running in a daemon thread; nothing it was doing is 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from etils import epath
 from jaxckpt import format as fmt
 
 __all__ = ["is_remote", "as_path", "call", "atomic_write_text", "read_text", "move_tree",
-           "probe_mkdir", "walk_files", "list_names", "remove_tree", "finish_deletions",
+           "check_writable", "walk_files", "list_names", "remove_tree", "finish_deletions",
            "forget_cached_listings", "StorageTimeoutError", "DEFAULT_TIMEOUT_S"]
 
 log = logging.getLogger("jaxckpt")
@@ -290,18 +291,35 @@ def check_directory(path: epath.Path, *, read_only: bool,
             "directory you can write to, or fix its permissions.") from e
 
 
-def probe_mkdir(directory: epath.Path) -> None:
-    """Make and remove a directory in a local ``directory``; raises the ``OSError`` a new
-    step directory would meet (read-only, full, permission denied, gone).
+def check_writable(directory: epath.Path) -> None:
+    """Raise the ``OSError`` a new step directory in local ``directory`` would meet (gone,
+    read-only, permission denied, no space or inodes left), from metadata alone.
 
     Orbax makes the step directory in the background, and when that fails its writer waits
-    300 s for it (the interpreter's exit with it). Probing here, in microseconds, turns the
-    common causes into an error on the calling thread and keeps Orbax's creation off it
-    (made before save() returns, it cost ~15 ms of blocking per save).
+    300 s for it (the interpreter's exit with it); this turns the common causes into an
+    error on the calling thread, in microseconds. Not a mkdir/rmdir probe: on ext4 those
+    wait for the journal, and beside a checkpoint's writeback that blocked ``save()`` for
+    up to 340 ms (p99 320 ms, against 0.3 ms idle). A cause these checks miss (a quota, an
+    I/O error) is still reported by the background write.
     """
-    probe = os.path.join(os.fspath(directory), fmt.temp_name("jaxckpt-probe"))
-    os.mkdir(probe)
-    os.rmdir(probe)
+    path = os.fspath(directory)
+    fs = os.statvfs(path)  # FileNotFoundError once the directory is gone
+
+    def fail(code: int) -> OSError:
+        return OSError(code, os.strerror(code), path)
+
+    if not os.path.isdir(path):
+        raise fail(errno.ENOTDIR)
+    if fs.f_flag & os.ST_RDONLY:
+        raise fail(errno.EROFS)
+    # The effective ids and capabilities, as mkdir is checked (root without
+    # CAP_DAC_OVERRIDE is refused a read-only directory).
+    if not os.access(path, os.W_OK | os.X_OK,
+                     effective_ids=os.access in os.supports_effective_ids):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    free_blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may use the reserve
+    if free_blocks == 0 or (fs.f_files > 0 and fs.f_ffree == 0):  # f_files 0: no inode count
+        raise fail(errno.ENOSPC)
 
 
 def inside(root: epath.Path, path: epath.Path) -> bool:

@@ -135,11 +135,11 @@ class Writer:
 
     def write(self, step, state, metrics, epoch, data_state, now, value, reason,
                started) -> None:
-        # A disk only: a store has no directories to delete or make, and a probe would cost
+        # A disk only: a store has no directories to delete or make, and a check would cost
         # a round trip in every save().
         if not storage.is_remote(self.directory):
             try:
-                storage.probe_mkdir(self.directory)
+                storage.check_writable(self.directory)
             except OSError as e:
                 self.ledger.mark_unsaved([step])
                 if isinstance(e, FileNotFoundError):  # never re-create a deleted directory

@@ -314,6 +314,41 @@ def test_disk_already_full_then_space_freed(tmp_path):
         restorable(disk / "ckpt", {1: np.arange(10.0), 3: np.arange(30.0)})
 
 
+def test_the_check_before_each_save_names_each_cause_and_makes_nothing(tmp_path):
+    """save() checks a local directory before Orbax makes the step directory in the
+    background, from metadata alone (a mkdir waits for the ext4 journal: up to 340 ms
+    beside a checkpoint's writeback). Each cause comes out as the OSError mkdir raises."""
+    import errno
+
+    from jaxckpt.storage import check_writable
+
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    check_writable(ok)
+    assert os.listdir(ok) == []
+    with pytest.raises(FileNotFoundError):
+        check_writable(tmp_path / "gone")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as e:
+        check_writable(tmp_path / "file")
+    assert e.value.errno == errno.ENOTDIR
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        check_writable(disk)
+        with open(disk / "ballast", "wb", buffering=0) as f, \
+                pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 4096)  # page by page: no free block left
+        with pytest.raises(OSError, match="No space left on device") as e:
+            check_writable(disk)
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(disk)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with mounted(ro, "--bind", str(ro)):
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        with pytest.raises(OSError, match="Read-only file system"):
+            check_writable(ro)
+
+
 def test_read_only_filesystem_then_writable_again(tmp_path):
     d = tmp_path / "ckpt"
     with CheckpointManager(d, CheckpointPolicy(keep_latest=3)) as m:
