@@ -458,7 +458,7 @@ UNCLOSED_CHILD = SAVE_THEN_FAIL + """
 def test_a_process_that_gives_up_after_a_failed_save_exits_at_once(tmp_path):
     """Orbax makes the step directory in the background; when that fails its writer thread
     waits 300 s for it, and the interpreter's exit with it (a script ending on the error
-    hung for five minutes). save() probes the directory first and raises at once. A hang
+    hung for five minutes). save() checks the directory first and raises at once. A hang
     shows here as the child outliving the timeout."""
     d, ro = tmp_path / "ckpt", tmp_path / "ro"
     ro.mkdir(mode=0o555)

@@ -209,9 +209,8 @@ def cold_reads(ctx: Context, files: list[str], local: bool) -> dict:
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     disk, exact = [], True
     for i, path in enumerate(files):
-        measure.drop_page_cache(path)
         ctx.back_pages()
-        disk.append(measure.disk_read(path))
+        disk.append(measure.disk_read(path))  # evicts the file's pages itself
         for kind in rotated(KINDS, i):
             saver = ctx.savers[kind]
             if local:
