@@ -383,10 +383,18 @@ class Catalog:
 
 def writers(directory: epath.Path, *, timeout: float | None = storage.DEFAULT_TIMEOUT_S
             ) -> dict[int, integrity.Writer]:
-    """The writer of each step directory, from its file names only (no checkpoint read)."""
-    return {step: integrity.writer_of(directory / name)
+    """The writer of each step directory, from its file names (and, for a step without a
+    manifest, its meta record). Raises NotADirectoryError when ``directory`` is a file."""
+    return {step: _writer_of(directory / name)
             for name in storage.list_names(directory, timeout=timeout)
             if (step := fmt.step_of(name)) is not None}
+
+
+def _writer_of(step_dir: epath.Path) -> integrity.Writer:
+    try:
+        return integrity.writer_of(step_dir)
+    except (NotADirectoryError, FileNotFoundError):
+        return "unknown"  # a file or a dangling link named like a step: nobody's checkpoint
 
 
 def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,

@@ -70,7 +70,8 @@ class Verdict:
       problems: one line per damaged file (path relative to the step, then what is wrong).
       has_manifest: False for a checkpoint whose writer stopped between Orbax's commit
         and the manifest, one older than manifests, or one jaxckpt did not write.
-      writer: ``"jaxckpt"``, ``"orbax"`` (plain Orbax: no ``meta`` item) or ``"unknown"``.
+      writer: ``"jaxckpt"``, ``"orbax"`` (plain Orbax: no jaxckpt ``meta`` record) or
+        ``"unknown"`` (an object-store write in flight, or a file named like a step).
       incomplete: a file every commit writes is missing (a half-deleted or half-copied
         step). Not a checkpoint: readers ignore it, never restore it.
     """
@@ -292,9 +293,32 @@ def _writer_from_listing(step_dir: epath.Path, names: set[str]) -> Writer:
     marker."""
     if storage.is_remote(step_dir) and fmt.COMMIT_MARKER not in names:
         return "unknown"
-    if MANIFEST_FILE in names or any(n.startswith(fmt.META + "/") for n in names):
+    if MANIFEST_FILE in names or _has_jaxckpt_meta(step_dir, names):
         return "jaxckpt"
     return "orbax" if fmt.ORBAX_METADATA in names else "unknown"
+
+
+_JAXCKPT_ITEMS = frozenset({fmt.STATE, fmt.META, fmt.DATA_STATE, fmt.METRICS})
+
+
+def _has_jaxckpt_meta(step_dir: epath.Path, names: set[str]) -> bool:
+    """Whether a step without a manifest is jaxckpt's: only jaxckpt's items, and a meta
+    record that is jaxckpt's (or too damaged to be anyone's JSON). A plain Orbax save
+    with an item named ``meta`` is not: its checkpoints are never deleted nor set aside.
+    Read only for steps without a manifest (a writer stopped before it, or not jaxckpt)."""
+    meta = f"{fmt.META}/metadata"
+    items = {n.split("/", 1)[0] for n in names if "/" in n}
+    if meta not in names or not items <= _JAXCKPT_ITEMS:
+        return False
+    try:
+        record = json.loads(storage.read_text(step_dir / meta))
+    except storage.StorageTimeoutError:
+        raise
+    except OSError:
+        return False  # unreadable: whose it is stays unknown, so it is left alone
+    except ValueError:
+        return True  # not JSON: damaged (Orbax's JSON items always are JSON)
+    return isinstance(record, dict) and record.get("format") == fmt.META_FORMAT
 
 
 def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
@@ -317,6 +341,9 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
         on_disk = _files(step_dir)
     except FileNotFoundError:
         raise
+    except NotADirectoryError:  # a user's file named like a step: ignored, never moved
+        return Verdict(step, (".: a file, not a checkpoint directory",), has_manifest=False,
+                       writer="unknown", incomplete=True)
     except OSError as e:
         return Verdict(step, (f".: cannot list the checkpoint directory ({e})",))
     if not on_disk and not step_dir.exists():

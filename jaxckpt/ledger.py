@@ -2,9 +2,10 @@
 
 Append-only in memory, so a ``save`` call that writes nothing costs the same at step 10
 and at step 10 million. The file ``jaxckpt.json`` is a snapshot written in the background
-at most every few seconds and at ``wait``/``close``; each checkpoint also carries the
-entries since the previous one in its own ``meta`` record, so a lost or damaged
-``jaxckpt.json`` is rebuilt from the checkpoints (losing only metrics of steps written
+at most every few seconds and at ``wait``/``close``; each checkpoint also carries, in its own ``meta`` record, the
+entries no snapshot holds yet (:attr:`Ledger.persisted_upto`), so a lost or damaged
+``jaxckpt.json``, or one a killed run never rewrote, is rebuilt from the checkpoints,
+even after the checkpoints before them were deleted (losing only metrics of steps written
 nowhere). Owned by the calling thread; the background thread only writes snapshots.
 """
 
@@ -50,6 +51,9 @@ class Ledger:
         self._entries: list[Entry] = sorted(entries, key=lambda e: e.step)
         self._steps: list[int] = [e.step for e in self._entries]
         self.dirty = False
+        self.persisted_upto: int | None = None
+        """Every entry up to this step is in a snapshot written (or queued before any
+        later deletion: the background runs in order); None: nothing is."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,6 +64,7 @@ class Ledger:
             self._steps.pop()
             self._entries.pop()
             self.dirty = True
+            self._unpersisted(entry.step)  # the snapshot holds the entries replaced
         if entry.metrics is not None or entry.saved:
             self._entries.append(entry)
             self._steps.append(entry.step)
@@ -87,8 +92,19 @@ class Ledger:
         have = set(self._steps)
         new = [e for e in entries if e.step not in have]
         if new:
+            persisted = self.persisted_upto
             self.__init__([*self._entries, *new])
+            self.persisted_upto = persisted
+            self._unpersisted(min(e.step for e in new))
             self.dirty = True
+
+    def last_step(self) -> int | None:
+        return self._steps[-1] if self._steps else None
+
+    def _unpersisted(self, step: int) -> None:
+        """Entries from ``step`` on differ from (or are missing in) the last snapshot."""
+        if self.persisted_upto is not None and self.persisted_upto >= step:
+            self.persisted_upto = step - 1
 
 
 def read_file(directory: epath.Path, *, timeout: float | None) -> dict | None:

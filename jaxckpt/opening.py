@@ -92,8 +92,9 @@ def load_ledger(catalog: Catalog, stored: dict | None) -> Ledger:
     """The ledger from ``jaxckpt.json`` and the segments the checkpoints carry."""
     entries = [Entry.from_json(e) for e in stored["history"]] if stored else []
     book = Ledger(entries)
-    # Each checkpoint carries the entries since the previous one: what a lost, damaged
-    # or not yet rewritten jaxckpt.json lacks comes back from there.
+    book.persisted_upto = book.last_step()  # what the file holds; lowered by any merge
+    # Each checkpoint carries the entries no snapshot held when it was saved: what a lost,
+    # damaged or not yet rewritten jaxckpt.json lacks comes back from there.
     for step in catalog.steps():
         try:
             meta = catalog.read_meta(step)
@@ -105,5 +106,6 @@ def load_ledger(catalog: Catalog, stored: dict | None) -> Ledger:
             segment.append(Entry(step, meta.get("metrics"), meta.get("epoch"),
                                  float(meta.get("time") or 0.0), True))
         book.merge(segment)
-    book.dirty = stored is None and len(book) > 0
+    # rewritten at the next flush when the file lacks an entry
+    book.dirty = len(book) > 0 and book.persisted_upto != book.last_step()
     return book

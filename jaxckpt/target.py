@@ -220,8 +220,13 @@ def check_saveable(tree: Any) -> None:
                         "numbers:\n" + "\n".join(problems))
 
 
-def to_saveable(tree: Any) -> Any:
+def to_saveable(tree: Any, *, snapshot: bool = False) -> Any:
     """The tree handed to Orbax's save, after :func:`check_saveable`.
+
+    With ``snapshot`` (an async save), numpy arrays are copied: the caller may change them
+    in place as soon as ``save`` returns (an EMA buffer, a numpy loop), while the write
+    reads them later. JAX arrays are immutable (a donated buffer is not reused while the
+    save holds it), so they are never copied.
 
     Typed PRNG keys become their raw ``uint32`` key data (readable by any Orbax user, and
     wrapped back into a typed key of the target's impl on restore). Python ``int``,
@@ -234,7 +239,14 @@ def to_saveable(tree: Any) -> Any:
       TypeError: a leaf cannot be saved (see :func:`check_saveable`).
     """
     check_saveable(tree)
-    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
+
+    def leaf(x: Any) -> Any:
+        if is_prng_key(x):
+            return jax.random.key_data(x)
+        if snapshot and isinstance(x, np.ndarray):
+            return np.array(x, copy=True)
+        return x
+    return jax.tree.map(leaf, tree)
 
 
 # -- restore side -----------------------------------------------------------------------

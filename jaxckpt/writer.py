@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import warnings
@@ -117,7 +118,9 @@ class Writer:
             self.ledger.record(Entry(step, metrics, epoch, now, False))
             self.maybe_flush_ledger()
             return False
-        saveable = target_lib.to_saveable(state)  # TypeError names a leaf that cannot be saved
+        # TypeError names a leaf that cannot be saved; numpy leaves are copied for a write
+        # that reads them after save() returns
+        saveable = target_lib.to_saveable(state, snapshot=self.async_save)
         started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
         if self.policy.monitor and metrics is None and not force and not self._warned:
             self._warned = True
@@ -149,12 +152,14 @@ class Writer:
                         "save into a new directory with a new CheckpointManager.") from None
                 raise write_error(f"saving step {step} to {self.directory}", e,
                                   self.catalog.steps()) from e
+            self._check_step_free(step)
         previous = self.catalog.latest()
         records = list(self.catalog.records.values())
         improved = self.policy.improves(value, records) if self.policy.monitor else None
         meta = fmt.encode_meta(step=step, epoch=epoch, metrics=metrics, time=now,
                                reason=str(reason), policy=self.policy.to_json(),
-                               improved=improved, ledger=self.ledger.segment(previous, step))
+                               improved=improved,
+                               ledger=self.ledger.segment(self._segment_start(previous), step))
         start = time.perf_counter()
         try:
             orbax_io.save(self.ocp, step, state, meta, data_state,
@@ -179,6 +184,31 @@ class Writer:
         self.maybe_flush_ledger()
         if not self.async_save:
             self.finish_pending()
+
+    def _check_step_free(self, step: int) -> None:
+        """Refuse a step whose name is taken by something that is not a checkpoint (an
+        empty directory, a file, a link, an unfinished copy): Orbax would fail on it at
+        every try, in the background for a file."""
+        path = self.directory / str(step)
+        if os.path.lexists(os.fspath(path)):
+            self.ledger.mark_unsaved([step])
+            kind = ("a file" if not path.is_dir() else "a directory that is not a usable "
+                    "checkpoint" if any(path.iterdir()) else "an empty directory")
+            raise CheckpointWriteError(
+                f"save(step={step}): {path} already exists, {kind}. jaxckpt never writes "
+                "over what it did not make: move it away or delete it, then save again (or "
+                "save a later step). Nothing was written; every checkpoint is intact "
+                f"({self.catalog.steps()}).")
+
+    def _segment_start(self, previous: int | None) -> int | None:
+        """Where the ledger segment a checkpoint carries starts: after the previous
+        checkpoint, or earlier, at the last entry a snapshot holds. A checkpoint that is
+        deleted later takes its segment with it; the entries it carried must then be in
+        the snapshot or in this segment. (Only the primary writes the meta record.)"""
+        persisted = self.ledger.persisted_upto
+        if not self.primary or previous is None:
+            return previous
+        return None if persisted is None else min(previous, persisted)
 
     def _commit(self, step: int, stale: list[int], start: float, blocked: float,
                 started: dict) -> None:
@@ -214,6 +244,8 @@ class Writer:
             self.ledger, policy=self.policy.to_json(), last_save_time=self.last_save_time,
             auto_every=self.auto.every, save_cost_s=self.auto.save_cost_s)
         self.ledger.dirty = False
+        self.ledger.persisted_upto = self.ledger.last_step()  # written before any deletion
+        # queued after it (one background thread, in order)
         self._last_flush = time.monotonic()
         self.background.submit(self._noted(self._write_ledger), snapshot)
 
@@ -251,6 +283,7 @@ class Writer:
         if isinstance(e, (StillRunning, storage.StorageTimeoutError)):
             # A stalled store: looking at it again (a rescan, Orbax's close) would stall.
             self.ledger.dirty = True  # a snapshot may be stuck; the next flush rewrites it
+            self.ledger.persisted_upto = None
             own = isinstance(e, storage.StorageTimeoutError)
             what = (f"{e.operation if own else self._doing} did not finish within "
                     f"{e.timeout_s if own else self.timeout:.0f} s")
@@ -263,6 +296,7 @@ class Writer:
             log.error("also failed in the background in %s: %r", self.directory, other)
         self.reset_orbax(e)
         self.ledger.dirty = True  # a snapshot may have been lost with the failure
+        self.ledger.persisted_upto = None
         before = set(self.catalog.records)
         self.catalog.scan(warn=self.warn_corrupt)
         lost = sorted(before - set(self.catalog.records))

@@ -60,13 +60,69 @@ def test_non_utf8_history_file_is_rebuilt_from_the_checkpoints(ckpt):
     with pytest.warns(UserWarning, match="jaxckpt.json is unreadable.*rebuilding"):
         with CheckpointManager(ckpt, read_only=True) as m:
             assert (m.steps(), m.best_step(), m.latest_step()) == ([2, 3, 4], 2, 4)
-            # each kept checkpoint carries the ledger since the one before it; step 1's
-            # entry went with step 1 (documented: only the file has every step)
-            assert [h["step"] for h in m.history()] == [2, 3, 4]
+            # each checkpoint carries the entries no written snapshot held when it was
+            # saved (none was, in this short run): step 1's is still there, though step 1
+            # was deleted
+            assert [h["step"] for h in m.history()] == [1, 2, 3, 4]
     with pytest.warns(UserWarning, match="unreadable"), CheckpointManager(ckpt) as m:
         m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
     data = json.loads((ckpt / fmt.HISTORY_FILE).read_text())  # rewritten whole
-    assert [e["step"] for e in data["history"]] == [2, 3, 4, 5]
+    assert [e["step"] for e in data["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_killed_run_keeps_the_metrics_of_checkpoints_it_deleted(tmp_path):
+    """kill -9 before jaxckpt.json was rewritten, after keep_latest deleted checkpoints
+    (synchronous saves: each returns after its commit and deletions):
+    the history comes back whole from the checkpoints that remain, also after a snapshot
+    was written mid-run (the segments then start at its last entry)."""
+    code = textwrap.dedent("""
+        import os, signal, sys, numpy as np, jaxckpt
+        m = jaxckpt.CheckpointManager(sys.argv[1], jaxckpt.CheckpointPolicy(
+            monitor="val_loss", keep_best=1, keep_latest=1), async_save=False)
+        for s in range(12):
+            if s == 6:
+                m.wait()  # writes a snapshot of steps 0-5, as the 10 s flush would
+            m.save(s, {"w": np.ones(4) * s}, metrics={"val_loss": 1.0 + s})
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    d = tmp_path / "c"
+    out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True,
+                         env=ENV, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["0", "11"]
+    stored = json.loads((d / fmt.HISTORY_FILE).read_text())
+    assert [e["step"] for e in stored["history"]] == list(range(6))  # the mid-run snapshot
+    with CheckpointManager(d, read_only=True) as m:
+        assert [h["step"] for h in m.history()] == list(range(12))
+        assert [h["metrics"]["val_loss"] for h in m.history()] == [1.0 + s for s in range(12)]
+    with CheckpointManager(d):  # a writable open rewrites the file whole
+        pass
+    stored = json.loads((d / fmt.HISTORY_FILE).read_text())
+    assert [e["step"] for e in stored["history"]] == list(range(12))
+
+
+def test_a_file_a_dangling_link_or_a_directory_named_like_a_step_is_left_alone(ckpt):
+    """Not checkpoints: never listed, moved or deleted; saving their step names the fix."""
+    (ckpt / "7").write_text("a log someone put here\n")
+    os.symlink(ckpt / "nowhere", ckpt / "8")
+    (ckpt / "9").mkdir()
+    with CheckpointManager(ckpt, POLICY) as m:
+        assert m.steps() == [2, 3, 4]
+        m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
+        for step, what in ((7, "a file"), (8, "a file"), (9, "an empty directory")):
+            with pytest.raises(jaxckpt.CheckpointWriteError,
+                               match=f"save\\(step={step}\\): .*/{step} already exists, {what}"
+                                     ".*move it away or delete it") as e:
+                m.save(step, {"x": value(step)}, metrics={"val_loss": 0.1})
+            assert "[2, 4, 5]" in str(e.value)
+        m.save(10, {"x": value(10)}, metrics={"val_loss": 0.1})
+        assert m.steps() == [5, 10] and m.best_step() == 10
+        assert [e["step"] for e in m.entries() if e["saved"]] == [1, 2, 3, 4, 5, 10]
+    assert (ckpt / "7").read_text() == "a log someone put here\n"
+    assert os.path.islink(ckpt / "8") and (ckpt / "9").is_dir()
+    assert not (ckpt / fmt.CORRUPT_DIR).exists()
+    with CheckpointManager(ckpt, read_only=True) as m:
+        assert m.steps() == [5, 10] and m.verify() == {5: [], 10: []}
 
 
 def test_orbax_metadata_of_the_wrong_shape_sets_aside_that_step_only(ckpt):

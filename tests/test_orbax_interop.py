@@ -179,6 +179,32 @@ def test_a_refused_writing_open_changes_nothing(tmp_path):
     assert snapshot(directory) == before
 
 
+@pytest.mark.parametrize("meta", ["json", "pytree"])
+def test_an_orbax_item_named_meta_is_orbax_s_and_a_stray_file_changes_nothing(tmp_path, meta):
+    """A plain Orbax Composite save with an item named ``meta`` (jaxckpt's item name) is
+    Orbax's: listed, restorable, never deleted or set aside; a file named like a step
+    beside it does not turn the refusal of a writable open off."""
+    directory = tmp_path / "orbax"
+    with ocp.CheckpointManager(directory) as mngr:
+        for step in STEPS:
+            item = (ocp.args.JsonSave({"lr": 0.1, "note": "mine"}) if meta == "json" else
+                    ocp.args.StandardSave({"lr": np.float32(0.1)}))
+            mngr.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(as_numpy(state_at(step)["params"])), meta=item))
+    (directory / "7").write_text("a log, named like a step\n")
+    before = snapshot(directory)
+    with CheckpointManager(directory, read_only=True) as mngr:
+        assert mngr.steps() == list(STEPS) and mngr.latest_step() == 30
+        verdicts = mngr.verdicts()
+        assert {s: verdicts[s].writer for s in STEPS} == dict.fromkeys(STEPS, "orbax")
+        assert verdicts[7].incomplete and "not a checkpoint" in verdicts[7].describe()
+        assert_same(mngr.restore(20, subtree="params"), as_numpy(state_at(20)["params"]))
+    for kwargs in ({}, {"policy": POLICY}):
+        with pytest.raises(jaxckpt.CheckpointDirectoryError, match="written by plain Orbax"):
+            CheckpointManager(directory, **kwargs)
+    assert snapshot(directory) == before
+
+
 def test_adopt_applies_the_policy_to_orbax_checkpoints(tmp_path):
     directory = tmp_path / "orbax"
     write_orbax(directory, "standard", True)
