@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,6 +180,9 @@ def _unsaveable(x: Any) -> str | None:
         if dtype is not None and (dtype.kind in "OUSMm" or dtype.fields is not None):
             return (f"is an array of dtype {dtype}, which Orbax cannot store: convert it to "
                     "a numeric array, or pass it as data_state (JSON) instead")
+        if np.ndim(x) > 0 and math.prod(x.shape) == 0:
+            return (f"is an empty array (shape {tuple(x.shape)}), which Orbax cannot store: "
+                    "leave it out of the saved state, or give it at least one element")
         return None
     if isinstance(x, int) and not isinstance(x, bool) and not _INT64.min <= x <= _INT64.max:
         return (f"is the Python int {x}, outside int64: store it as an array of smaller "

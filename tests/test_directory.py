@@ -321,6 +321,8 @@ def test_a_directory_with_checkpoints_and_no_readable_policy_refuses_a_default(c
     ({"epoch": "3"}, TypeError, "epoch must be an int"),
     ({"state": {"x": value(5), "name": "run-1"}}, TypeError, "name"),
     ({"state": {"f": lambda x: x}}, TypeError, "f"),
+    ({"state": {"x": value(5), "empty": np.zeros((3, 0))}}, TypeError,
+     r"empty.*empty array \(shape \(3, 0\)\).*leave it out"),
     ({"metrics": {"val_loss": "low"}}, TypeError, "metric 'val_loss'"),
     ({"data_state": object()}, TypeError, "data_state must be JSON-able"),
 ])
