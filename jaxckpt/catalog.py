@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from typing import Any, Callable, Literal
@@ -413,6 +414,7 @@ def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,
         return  # a file: storage.check_directory names the problem
     foreign = sorted(s for s, w in by_writer.items() if w == "orbax")
     if not foreign:
+        _refuse_other_naming(directory, timeout)
         return
     mine = sorted(s for s, w in by_writer.items() if w == "jaxckpt")
     if adopt:
@@ -436,6 +438,28 @@ def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,
         "read_only=True to list, verify and restore them; pass adopt=True with a "
         "policy=... to let this manager keep or delete them by that policy; or save into "
         "a new directory. Nothing was changed.")
+
+
+_OTHER_NAMING = re.compile(r"(?:.+_)?\d+")
+"""Step directories of a plain Orbax manager with ``step_prefix`` (``ckpt_50``) or
+``step_format_fixed_length`` (``00000050``): names jaxckpt does not read as steps."""
+
+
+def _refuse_other_naming(directory: epath.Path, timeout: float | None) -> None:
+    """Refuse a directory holding Orbax checkpoints under another step naming: jaxckpt
+    would not see them, and its own steps would be written beside them."""
+    names = [n for n in storage.list_names(directory, timeout=timeout)
+             if fmt.step_of(n) is None and _OTHER_NAMING.fullmatch(n)]
+    theirs = sorted(n for n in names if storage.call(
+        (directory / n / fmt.ORBAX_METADATA).exists, what="looking up", path=directory / n,
+        timeout=timeout))
+    if theirs:
+        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+        raise CheckpointDirectoryError(
+            f"{directory} holds Orbax checkpoints named {shown}: a step naming jaxckpt does "
+            "not read (Orbax's step_prefix or step_format_fixed_length), so it would write "
+            "its own steps beside them. Save into a new directory, or move them to one of "
+            "their own and restore them with Orbax. Nothing was changed.")
 
 
 def _is_step(which: Any) -> bool:

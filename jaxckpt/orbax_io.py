@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxckpt import fingerprint
+from jaxckpt import fingerprint, storage
 from jaxckpt import format as fmt
 from jaxckpt import target as target_lib
 from jaxckpt.errors import CheckpointNotFoundError, RestoreStructureError
@@ -72,7 +72,10 @@ def new_manager(directory: epath.Path, *, async_save: bool, read_only: bool,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,
+        # A local directory's leftovers are removed at open, before this manager exists
+        # (storage.finish_deletions); Orbax's own clean-up runs on a thread that close()
+        # does not wait for, and a process that exits at once may see it fail at shutdown.
+        cleanup_tmp_directories=not read_only and storage.is_remote(directory),
         create=not read_only,
         read_only=read_only,
         best_fn=(lambda m: m[monitor]) if monitor else None,

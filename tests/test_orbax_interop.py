@@ -205,6 +205,20 @@ def test_an_orbax_item_named_meta_is_orbax_s_and_a_stray_file_changes_nothing(tm
     assert snapshot(directory) == before
 
 
+@pytest.mark.parametrize("naming", [{"step_prefix": "ckpt"}, {"step_format_fixed_length": 8}])
+def test_orbax_checkpoints_under_another_step_naming_refuse_a_writable_open(tmp_path, naming):
+    directory = tmp_path / "orbax"
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**naming)) as m:
+        for step in STEPS:
+            m.save(step, args=ocp.args.StandardSave(as_numpy(state_at(step))))
+    before = snapshot(directory)
+    names = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(jaxckpt.CheckpointDirectoryError,
+                       match=f"Orbax checkpoints named {', '.join(names)}: a step naming"):
+        CheckpointManager(directory, policy=POLICY)
+    assert snapshot(directory) == before
+
+
 def test_adopt_applies_the_policy_to_orbax_checkpoints(tmp_path):
     directory = tmp_path / "orbax"
     write_orbax(directory, "standard", True)
