@@ -80,17 +80,13 @@ class Catalog:
                 self.set_aside(verdict)
 
     def _scan(self, warn: Callable[[str], None] | None) -> None:
-        self._metas.clear()
-        self._data.clear()
-        self.records.clear()
-        self.verdicts.clear()
-        self.corrupt.clear()
-        self.incomplete.clear()
         for _ in range(5):  # a live writer may delete what was listed before it is read
+            for name in _TABLES:
+                getattr(self, name).clear()
             steps = [s for s in map(fmt.step_of, storage.list_names(
                 self.directory, timeout=self.timeout)) if s is not None]
             vanished = [s for s in steps if self.examine(s, checksums=False, warn=warn) is None]
-            if not vanished or self.records:
+            if not vanished:  # else list again: what replaced them was committed first
                 return
 
     def examine(self, step: int, *, checksums: bool,
@@ -323,9 +319,8 @@ class Catalog:
         while True:
             step = self.resolve(which)
             verdict = self.examine(step, checksums=checksums)
-            if verdict is None:  # deleted by a live writer meanwhile: look again
-                if not self.records:
-                    self.scan()
+            if verdict is None:  # deleted by a live writer meanwhile, which committed what
+                self.scan()  # replaced it first: list again, not only what is left
                 if _is_step(which):
                     raise CheckpointNotFoundError(
                         f"checkpoint {step} in {self.directory} was deleted while it was "

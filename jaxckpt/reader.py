@@ -50,8 +50,7 @@ def read(catalog: Catalog, which: Which, target: Any, subtree: tuple[str, ...], 
                     from None
             continue  # resolve_verified names it in its "skipped" warning
         except Exception:
-            if storage.call((directory / str(step)).exists, what="looking up",
-                            path=directory / str(step), timeout=catalog.timeout):
+            if _exists(catalog, directory / str(step)):
                 raise
             # Deleted by the run writing there while this one read it: look again.
             catalog.scan(warn=warn)
@@ -73,6 +72,8 @@ def verify(catalog: Catalog, steps: list[int], *, checksums: bool,
             continue  # deleted by a live writer meanwhile
         if checksums and verdict.ok and verdict.arrays is not None:
             verdict = _verify_arrays(catalog, verdict)
+            if verdict is None:
+                continue
         problems = list(verdict.problems)
         if verdict.ok and not verdict.has_manifest:
             unverified.append(step)
@@ -84,13 +85,24 @@ def verify(catalog: Catalog, steps: list[int], *, checksums: bool,
     return out
 
 
-def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Verdict:
-    """Read the state once and compare it with its saved fingerprints."""
+def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Verdict | None:
+    """Read the state once and compare it with its saved fingerprints; None when a live
+    writer deleted the step while it was read."""
     step = verdict.step
+    step_dir = catalog.directory / str(step)
     try:
-        orbax_io.restore_state(catalog.directory / str(step), None, step=step,
-                               fingerprints=verdict.arrays)
+        orbax_io.restore_state(step_dir, None, step=step, fingerprints=verdict.arrays)
     except orbax_io.ArraysCorrupt as e:
         verdict = integrity.Verdict(step, e.problems)
         catalog.set_aside(verdict)
+    except Exception:
+        if _exists(catalog, step_dir):
+            raise
+        catalog.forget(step)
+        return None
     return verdict
+
+
+def _exists(catalog: Catalog, step_dir: Any) -> bool:
+    return storage.call(step_dir.exists, what="looking up", path=step_dir,
+                        timeout=catalog.timeout)

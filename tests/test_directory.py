@@ -411,6 +411,42 @@ WRITER = """
 """
 
 
+def test_a_reader_whose_best_was_replaced_meanwhile_restores_the_new_best(tmp_path):
+    """The writer commits a new best and deletes the old one after a reader listed the
+    directory: restore('best') finds the new one, not 'no best' among what is left."""
+    d = tmp_path / "c"
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=2)
+    with CheckpointManager(d, policy) as writer:
+        writer.save(1, {"x": value(1)}, metrics={"val_loss": 0.5})
+        writer.save(2, {"x": value(2)})  # mid-epoch: latest, never best
+        writer.wait()
+        reader = CheckpointManager(d, read_only=True)
+        assert (reader.best_step(), reader.steps()) == (1, [1, 2])
+        writer.save(3, {"x": value(3)}, metrics={"val_loss": 0.3})
+        writer.wait()  # 3 committed, then 1 deleted
+        assert not (d / "1").exists()
+        ckpt = reader.restore_checkpoint("best")
+        assert ckpt.step == 3 and np.array_equal(ckpt.state["x"], value(3))
+        assert reader.best_step() == 3 and reader.steps() == [2, 3]
+        reader.close()
+
+
+def test_verify_skips_a_step_the_writer_deletes_while_its_arrays_are_read(ckpt, monkeypatch):
+    from jaxckpt import orbax_io, storage
+
+    real = orbax_io.restore_state
+
+    def deleted_meanwhile(step_dir, *args, **kwargs):
+        if step_dir.name == "3":  # the writer's deletion: renamed away, then removed
+            storage.remove_tree(step_dir.parent, 3)
+        return real(step_dir, *args, **kwargs)
+
+    with CheckpointManager(ckpt, read_only=True) as m:
+        monkeypatch.setattr(orbax_io, "restore_state", deleted_meanwhile)
+        assert m.verify() == {2: [], 4: []}
+        assert m.steps() == [2, 4]
+
+
 def test_readers_beside_a_live_writer_never_fail(tmp_path):
     d = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(d)],
