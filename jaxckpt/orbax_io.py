@@ -275,12 +275,34 @@ def _restore_into(item_dir: epath.Path, target: Any, step: int,
     if leaves is None:
         leaves = _subtree_of(item_metadata(item_dir), subtree, step)
     plan = target_lib.restore_plan(leaves, target, step)
-    raw = restore_item(item_dir, plan.abstract, subtree)
+    try:
+        raw = restore_item(item_dir, plan.abstract, subtree)
+    except ValueError as e:
+        raise _structure_error(e, step) or e
     if fingerprints:
         problems = fingerprint.mismatches(raw, fingerprints, prefix)
         if problems:
             raise ArraysCorrupt(step, tuple(f"{item_dir.name}/{p}" for p in problems))
     return plan.finish(raw)
+
+
+def _structure_error(e: ValueError, step: int) -> RestoreStructureError | None:
+    """Orbax's "tree structures do not match", for a target whose arrays all match the
+    checkpoint but whose empty nodes do not (``optax.adamw`` for ``optax.adam``: the same
+    moments, one more empty state in the chain)."""
+    text = str(e)
+    head = "tree structures do not match:"
+    if head not in text:
+        return None
+    where = text.split(head, 1)[1].split("If this mismatch is intentional")[0].strip()
+    # Orbax's "Source" is the item it was given (the target), its "Target" what is on disk.
+    where = where.replace("- Source:", "- target:").replace("- Target:", "- checkpoint:")
+    return RestoreStructureError(
+        f"restore target does not match checkpoint {step}: every array matches, but the "
+        f"containers around them differ:\n{where}\nOften a "
+        "different optimizer chain with the same moments (optax.adamw for optax.adam). "
+        "Build the target from the same model/optimizer config that wrote the checkpoint, "
+        "or restore with target=None to get the saved arrays as numpy.")
 
 
 class ArraysCorrupt(Exception):

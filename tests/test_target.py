@@ -375,6 +375,24 @@ def test_structure_mismatch_lists_differing_keys(tmp_path):
     assert "params/w: checkpoint shape (3,), target shape (4,)" in message
 
 
+def test_same_arrays_in_another_optimizer_chain_is_a_structure_error(tmp_path):
+    """optax.adamw's state has adam's moments plus one more empty node: every array path
+    matches, the containers do not. The error is ours, with the fix, not Orbax's advice
+    to pass partial_restore (not a jaxckpt option)."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=optax.adam(0.1))
+    other = train_state.TrainState.create(apply_fn=None, params=params, tx=optax.adamw(0.1))
+    with CheckpointManager(tmp_path / "c") as m:
+        m.save(1, state)
+        m.wait()
+        with pytest.raises(RestoreStructureError, match=r"(?s)checkpoint 1: every array "
+                           r"matches.*opt_state.*target: \(<class 'list'>, 3\).*checkpoint: "
+                           r"\(<class 'list'>, 2\).*optax.adamw") as e:
+            m.restore(1, target=jax.eval_shape(lambda: other))
+        assert "partial_restore" not in str(e.value)
+        assert m.steps() == [1] and m.verify() == {1: []}
+
+
 def test_bad_target_leaf_is_named(tmp_path):
     with CheckpointManager(tmp_path) as m:
         m.save(1, {"w": jnp.ones(2)})
