@@ -159,7 +159,8 @@ def _metrics_problems(metrics: Any) -> list[str]:
 
 
 def encode_data_state(data_state: Any) -> dict:
-    """JSON for the data iterator's state: JSON-able values as is, bytes as base64.
+    """JSON for the data iterator's state: JSON-able values as is (numpy scalars, such as
+    a position counted with numpy, as the Python numbers they hold), bytes as base64.
 
     Raises:
       TypeError: ``data_state`` is neither (names its type and what is accepted).
@@ -167,12 +168,21 @@ def encode_data_state(data_state: Any) -> dict:
     import json
     if isinstance(data_state, (bytes, bytearray)):
         return {_BYTES_KEY: base64.b64encode(bytes(data_state)).decode("ascii")}
+    data_state = _python_numbers(data_state)
     try:
         json.dumps(data_state, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"data_state must be JSON-able or bytes (a grain iterator's "
                         f"get_state()), got {type(data_state).__name__}: {e}") from e
     return {"value": data_state}
+
+
+def _python_numbers(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _python_numbers(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_python_numbers(v) for v in x]
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def decode_data_state(stored: dict) -> Any:

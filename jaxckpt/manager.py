@@ -90,7 +90,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, policy: CheckpointPolicy | None = None,
-                 async_save: bool = True, *, read_only: bool = False, adopt: bool = False,
+                 async_save: bool = True, read_only: bool = False, *, adopt: bool = False,
                  storage_timeout_s: float | None = storage.DEFAULT_TIMEOUT_S,
                  clock: Callable[[], float] = time.time):
         if policy is not None and not isinstance(policy, CheckpointPolicy):

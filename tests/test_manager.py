@@ -166,6 +166,12 @@ def test_data_state_bytes_and_dict(tmp_path):
         assert m.restore_data_state(3) is None
         with pytest.raises(TypeError, match="JSON-able or bytes"):
             m.save(4, {"x": jnp.zeros(1)}, data_state={"bad": object()})
+        # a position counted with numpy comes back as the Python numbers it holds
+        m.save(5, {"x": jnp.zeros(1)}, data_state={"i": np.int64(3), "seen": [np.float32(0.5)],
+                                                   "rng": (np.uint32(7), 2)})
+        restored = m.restore_data_state(5)
+        assert restored == {"i": 3, "seen": [0.5], "rng": [7, 2]}
+        assert type(restored["i"]) is int
 
 
 def test_donated_buffers_after_async_save(tmp_path):
@@ -368,3 +374,13 @@ def test_every_auto_saves_once_to_measure_then_spaces_saves(tmp_path):
         assert saved[0] == 1
         assert m.every_n_steps is not None and m.every_n_steps > 1
         assert 1 < len(saved) < 200
+
+
+def test_the_constructor_takes_design_s_arguments_in_design_s_order(tmp_path):
+    """DESIGN.md: CheckpointManager(directory, policy=..., async_save=True, read_only=False)."""
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2), False) as m:
+        m.save(1, {"x": jnp.ones(2)})
+    with CheckpointManager(tmp_path, None, True, True) as reader:
+        assert reader.steps() == [1]
+        with pytest.raises(RuntimeError, match="opened read_only"):
+            reader.save(2, {"x": jnp.ones(2)})
