@@ -245,7 +245,7 @@ class Catalog:
                     continue
                 warnings.warn(f"moved corrupt checkpoint {step} ({verdict.describe()}) to "
                               f"{dest}; it is not deleted: inspect it, then delete it.",
-                              stacklevel=4)
+                              stacklevel=5)  # the caller of CheckpointManager.save
         if jax.process_count() > 1:
             import orbax.checkpoint as ocp
             ocp.multihost.sync_global_processes(f"jaxckpt_move_corrupt_{next(_BARRIERS)}")

@@ -253,8 +253,9 @@ def test_corrupt_best_is_never_best_and_never_deleted(ckpt):
         assert leaves_equal(best, states[3])
         assert (m.best_step(), m.steps()) == (3, [3, 4])
         # Steps 5-7 are worse than 0.5: with 2 corrupt, they may join the best-2.
-        with pytest.warns(UserWarning, match=r"moved corrupt checkpoint 2 .*not deleted"):
+        with pytest.warns(UserWarning, match=r"moved corrupt checkpoint 2 .*not deleted") as w:
             m.save(5, init_state(), metrics={"val_loss": 0.55})
+        assert [x.filename for x in w if "moved" in str(x.message)] == [__file__]  # the caller
         m.save(6, init_state(), metrics={"val_loss": 0.7})
         m.save(7, init_state(), metrics={"val_loss": 0.65})
         assert (m.best_step(), m.steps()) == (5, [3, 5, 7])
