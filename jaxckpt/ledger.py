@@ -2,11 +2,12 @@
 
 Append-only in memory, so a ``save`` call that writes nothing costs the same at step 10
 and at step 10 million. The file ``jaxckpt.json`` is a snapshot written in the background
-at most every few seconds and at ``wait``/``close``; each checkpoint also carries, in its own ``meta`` record, the
-entries no snapshot holds yet (:attr:`Ledger.persisted_upto`), so a lost or damaged
-``jaxckpt.json``, or one a killed run never rewrote, is rebuilt from the checkpoints,
-even after the checkpoints before them were deleted (losing only metrics of steps written
-nowhere). Owned by the calling thread; the background thread only writes snapshots.
+at most every few seconds and at ``wait``/``close``. Each checkpoint also carries, in its
+own ``meta`` record, the entries no snapshot holds yet (:attr:`Ledger.persisted_upto`),
+so a lost or damaged ``jaxckpt.json``, or one a killed run never rewrote, is rebuilt from
+the checkpoints, even after the checkpoints before them were deleted (losing only metrics
+of steps written nowhere). Owned by the calling thread; the background thread only writes
+snapshots.
 """
 
 from __future__ import annotations

@@ -278,7 +278,10 @@ def _restore_into(item_dir: epath.Path, target: Any, step: int,
     try:
         raw = restore_item(item_dir, plan.abstract, subtree)
     except ValueError as e:
-        raise _structure_error(e, step) or e
+        error = _structure_error(e, step)
+        if error is None:
+            raise
+        raise error from None
     if fingerprints:
         problems = fingerprint.mismatches(raw, fingerprints, prefix)
         if problems:

@@ -192,8 +192,11 @@ class Writer:
         path = self.directory / str(step)
         if os.path.lexists(os.fspath(path)):
             self.ledger.mark_unsaved([step])
-            kind = ("a file" if not path.is_dir() else "a directory that is not a usable "
-                    "checkpoint" if any(path.iterdir()) else "an empty directory")
+            local = os.fspath(path)
+            kind = ("a link to nowhere" if not os.path.exists(local) else
+                    "a file" if not os.path.isdir(local) else
+                    "a directory that is not a usable checkpoint" if os.listdir(local) else
+                    "an empty directory")
             raise CheckpointWriteError(
                 f"save(step={step}): {path} already exists, {kind}. jaxckpt never writes "
                 "over what it did not make: move it away or delete it, then save again (or "

@@ -109,7 +109,7 @@ def test_a_file_a_dangling_link_or_a_directory_named_like_a_step_is_left_alone(c
     with CheckpointManager(ckpt, POLICY) as m:
         assert m.steps() == [2, 3, 4]
         m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
-        for step, what in ((7, "a file"), (8, "a file"), (9, "an empty directory")):
+        for step, what in ((7, "a file"), (8, "a link to nowhere"), (9, "an empty directory")):
             with pytest.raises(jaxckpt.CheckpointWriteError,
                                match=f"save\\(step={step}\\): .*/{step} already exists, {what}"
                                      ".*move it away or delete it") as e:
