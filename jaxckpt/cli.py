@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -72,17 +73,26 @@ def _is_step_dir(path) -> bool:
 
 def _open(directory: str, *, read_only: bool = True, monitor: str | None = None,
           mode: str | None = None):
-    """A CheckpointManager on ``directory`` with its stored policy, or, for a directory
-    without one (plain Orbax stores no monitor), ranked by ``--monitor``/``--mode``."""
+    """A CheckpointManager on ``directory`` with its stored policy; with ``--monitor``
+    (``--mode``), that policy ranked by another metric, its keep counts unchanged (a
+    directory plain Orbax wrote stores no monitor)."""
     path = _check_checkpoint_dir(directory)
     from jaxckpt.manager import CheckpointManager
-    from jaxckpt.policy import CheckpointPolicy
 
-    policy = None
-    if monitor is not None:
-        policy = CheckpointPolicy(monitor=monitor, mode=mode or "auto")
-    elif mode is not None:
+    if monitor is None and mode is not None:
         raise CliError("--mode needs --monitor NAME (the metric it ranks).")
+    mngr = CheckpointManager(path, None, read_only=read_only)
+    if monitor is None:
+        return mngr
+    with mngr:
+        stored = mngr.policy
+        recorded = sorted({name for h in mngr.history() for name in h["metrics"]})
+    if recorded and monitor not in recorded:
+        raise CliError(f"--monitor {monitor!r} was never recorded in {path}; its metrics "
+                       f"are {recorded}.")
+    policy = stored if (monitor, mode) == (stored.monitor, None) else dataclasses.replace(
+        stored, monitor=monitor, mode=mode or "auto", keep_best=max(stored.keep_best, 1),
+        min_delta=0.0, initial_value_threshold=None)
     return CheckpointManager(path, policy, read_only=read_only)
 
 

@@ -117,6 +117,21 @@ def test_ls_json(tutorial, capsys):
         assert row["written"].startswith("20") and row["time"] > 0
 
 
+def test_ls_ranked_by_another_metric_keeps_the_directory_s_keep_counts(wide_template, capsys):
+    """--monitor re-ranks by another recorded metric; keep_best/keep_latest stay the
+    directory's (3 and 3), so every checkpoint still shows why it is kept."""
+    assert main(["ls", str(wide_template), "--monitor", "loss", "--mode", "min", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["monitor"], data["mode"], data["best_step"]) == ("loss", "min", 45)
+    kept = {row["step"]: row["kept"] for row in data["checkpoints"]}
+    assert kept == {45: ["best #1"], 46: ["best #2"], 47: ["best #3"], 48: ["latest #3"],
+                    49: ["latest #2"], 50: ["latest"]}
+    assert main(["ls", str(wide_template), "--monitor", "val_los", "--mode", "min"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"jaxckpt: error: --monitor 'val_los' was never recorded in {wide_template}; its "
+        "metrics are ['loss', 'val_loss'].")
+
+
 def test_ls_quick_checks_sizes_only(tutorial, capsys):
     assert main(["ls", str(tutorial), "--quick", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
