@@ -100,7 +100,7 @@ class Catalog:
             if verdict.records and fmt.META in verdict.records:
                 self._metas[step] = verdict.records[fmt.META]  # read by the check
             record = self._record(step, verdict) if verdict.ok else None
-            if not verdict.ok and not self._io(step_dir.exists, "looking up", step_dir):
+            if not verdict.ok and not self.exists(step):
                 raise FileNotFoundError(step_dir)  # renamed away while it was read
         except FileNotFoundError:
             self.forget(step)
@@ -154,6 +154,11 @@ class Catalog:
             warn(f"checkpoint {verdict.step} in {self.directory} is corrupt "
                  f"({_summary(verdict.problems)})")
 
+    def exists(self, step: int) -> bool:
+        """Whether step ``step``'s directory is still there (a live writer deletes)."""
+        path = self.directory / str(step)
+        return self._io(path.exists, "looking up", path)
+
     def _io(self, fn: Callable[[], Any], what: str, path: epath.Path) -> Any:
         """``fn()`` under the storage deadline (on an object store)."""
         return storage.call(fn, what=what, path=path, timeout=self.timeout)
@@ -172,8 +177,7 @@ class Catalog:
         try:
             meta = json.loads(storage.read_text(path, timeout=self.timeout))
         except FileNotFoundError:
-            if not self._io((self.directory / str(step)).exists, "looking up",
-                            self.directory / str(step)):
+            if not self.exists(step):
                 raise
             return self._orbax_meta(step)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -377,13 +381,11 @@ class Catalog:
 # -- who wrote a directory -------------------------------------------------------------------
 
 
-def writers(directory: epath.Path, *, timeout: float | None = storage.DEFAULT_TIMEOUT_S
-            ) -> dict[int, integrity.Writer]:
-    """The writer of each step directory, from its file names (and, for a step without a
-    manifest, its meta record). Raises NotADirectoryError when ``directory`` is a file."""
+def writers(directory: epath.Path, names: list[str]) -> dict[int, integrity.Writer]:
+    """The writer of each step directory among ``names`` (a listing of ``directory``),
+    from its file names (and, for a step without a manifest, its meta record)."""
     return {step: _writer_of(directory / name)
-            for name in storage.list_names(directory, timeout=timeout)
-            if (step := fmt.step_of(name)) is not None}
+            for name in names if (step := fmt.step_of(name)) is not None}
 
 
 def _writer_of(step_dir: epath.Path) -> integrity.Writer:
@@ -404,12 +406,13 @@ def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,
         jaxckpt's; or ``adopt`` without a policy where no jaxckpt checkpoint holds one.
     """
     try:
-        by_writer = writers(directory, timeout=timeout)
+        names = storage.list_names(directory, timeout=timeout)
     except NotADirectoryError:
         return  # a file: storage.check_directory names the problem
+    by_writer = writers(directory, names)
     foreign = sorted(s for s, w in by_writer.items() if w == "orbax")
     if not foreign:
-        _refuse_other_naming(directory, timeout)
+        _refuse_other_naming(directory, names, timeout)
         return
     mine = sorted(s for s, w in by_writer.items() if w == "jaxckpt")
     if adopt:
@@ -440,11 +443,11 @@ _OTHER_NAMING = re.compile(r"(?:.+_)?\d+")
 ``step_format_fixed_length`` (``00000050``): names jaxckpt does not read as steps."""
 
 
-def _refuse_other_naming(directory: epath.Path, timeout: float | None) -> None:
+def _refuse_other_naming(directory: epath.Path, names: list[str],
+                         timeout: float | None) -> None:
     """Refuse a directory holding Orbax checkpoints under another step naming: jaxckpt
     would not see them, and its own steps would be written beside them."""
-    names = [n for n in storage.list_names(directory, timeout=timeout)
-             if fmt.step_of(n) is None and _OTHER_NAMING.fullmatch(n)]
+    names = [n for n in names if fmt.step_of(n) is None and _OTHER_NAMING.fullmatch(n)]
     theirs = sorted(n for n in names if storage.call(
         (directory / n / fmt.ORBAX_METADATA).exists, what="looking up", path=directory / n,
         timeout=timeout))

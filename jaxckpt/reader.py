@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from jaxckpt import integrity, orbax_io, storage
+from jaxckpt import integrity, orbax_io
 from jaxckpt.catalog import Catalog, Which
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 
@@ -50,7 +50,7 @@ def read(catalog: Catalog, which: Which, target: Any, subtree: tuple[str, ...], 
                     from None
             continue  # resolve_verified names it in its "skipped" warning
         except Exception:
-            if _exists(catalog, directory / str(step)):
+            if catalog.exists(step):
                 raise
             # Deleted by the run writing there while this one read it: look again.
             catalog.scan(warn=warn)
@@ -89,20 +89,15 @@ def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Ve
     """Read the state once and compare it with its saved fingerprints; None when a live
     writer deleted the step while it was read."""
     step = verdict.step
-    step_dir = catalog.directory / str(step)
     try:
-        orbax_io.restore_state(step_dir, None, step=step, fingerprints=verdict.arrays)
+        orbax_io.restore_state(catalog.directory / str(step), None, step=step,
+                               fingerprints=verdict.arrays)
     except orbax_io.ArraysCorrupt as e:
         verdict = integrity.Verdict(step, e.problems)
         catalog.set_aside(verdict)
     except Exception:
-        if _exists(catalog, step_dir):
+        if catalog.exists(step):
             raise
         catalog.forget(step)
         return None
     return verdict
-
-
-def _exists(catalog: Catalog, step_dir: Any) -> bool:
-    return storage.call(step_dir.exists, what="looking up", path=step_dir,
-                        timeout=catalog.timeout)

@@ -19,7 +19,7 @@ from etils import epath
 from jaxckpt import format as fmt
 
 __all__ = ["is_remote", "as_path", "call", "atomic_write_text", "read_text", "move_tree",
-           "check_writable", "walk_files", "list_names", "remove_tree", "finish_deletions",
+           "check_writable", "occupant", "walk_files", "list_names", "remove_tree", "finish_deletions",
            "forget_cached_listings", "StorageTimeoutError", "DEFAULT_TIMEOUT_S"]
 
 log = logging.getLogger("jaxckpt")
@@ -320,6 +320,20 @@ def check_writable(directory: epath.Path) -> None:
     free_blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail  # root may use the reserve
     if free_blocks == 0 or (fs.f_files > 0 and fs.f_ffree == 0):  # f_files 0: no inode count
         raise fail(errno.ENOSPC)
+
+
+def occupant(path: epath.Path) -> str | None:
+    """What is at local ``path``, in words ("a file", "an empty directory", ...), or None
+    when nothing is (a dangling link counts: a directory cannot be made there)."""
+    local = os.fspath(path)
+    if not os.path.lexists(local):
+        return None
+    if not os.path.exists(local):
+        return "a link to nowhere"
+    if not os.path.isdir(local):
+        return "a file"
+    return "a directory that is not a usable checkpoint" if os.listdir(local) else \
+        "an empty directory"
 
 
 def inside(root: epath.Path, path: epath.Path) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import warnings
@@ -190,13 +189,9 @@ class Writer:
         empty directory, a file, a link, an unfinished copy): Orbax would fail on it at
         every try, in the background for a file."""
         path = self.directory / str(step)
-        if os.path.lexists(os.fspath(path)):
+        kind = storage.occupant(path)
+        if kind is not None:
             self.ledger.mark_unsaved([step])
-            local = os.fspath(path)
-            kind = ("a link to nowhere" if not os.path.exists(local) else
-                    "a file" if not os.path.isdir(local) else
-                    "a directory that is not a usable checkpoint" if os.listdir(local) else
-                    "an empty directory")
             raise CheckpointWriteError(
                 f"save(step={step}): {path} already exists, {kind}. jaxckpt never writes "
                 "over what it did not make: move it away or delete it, then save again (or "
