@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxckpt.target import path_str, per_sharding, saved_leaf
 
-__all__ = ["of_tree", "resolve", "mismatches"]
+__all__ = ["of_tree", "resolve", "Check"]
 
 _CHUNK = 2 << 20  # bytes CRC'd per call: ~0.3 ms of holding the GIL
 
@@ -144,25 +144,55 @@ def resolve(started: dict[str, tuple[Any, Any]]) -> dict[str, dict]:
             "saved": {path: leaf.to_json() for path, (_, leaf) in started.items()}}
 
 
-def mismatches(tree: Any, expected: dict[str, dict[str, int]], prefix: str = "") -> list[str]:
-    """Leaves of a restored ``tree`` whose data differ from the fingerprints saved with it
-    (each computed the way it was at save time, wherever the array now lives)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    problems = []
-    for path, leaf in flat:
-        key = prefix + path_str(path)
-        want = expected.get(key)
-        if want is None or not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
-        leaf = _key_data(leaf)
-        if "crc32c" in want:
-            host = _host_bytes(leaf)
-            got = finish(("crc32c", host if host is not None else np.asarray(leaf)))
-        else:
-            got = finish(("wsum32", _of_device_array(leaf) if isinstance(leaf, jax.Array)
-                          else _wsum(_host_words(np.asarray(leaf)))))
+class Check:
+    """Compares restored arrays with the fingerprints saved with them, each the way it was
+    computed at save time, wherever the array now lives.
+
+    A leaf read as numpy is checked by :meth:`host` before it is copied into place: its
+    bytes are then read from memory once, for the check, and the copy finds them in the
+    cache. :meth:`tree` checks every leaf not checked yet. Problems accumulate in
+    ``problems``, one line per leaf, named by its path.
+    """
+
+    def __init__(self, expected: dict[str, dict[str, int]], prefix: str = ""):
+        self.expected = expected
+        self.prefix = prefix
+        self.problems: list[str] = []
+        self._done: set[str] = set()
+
+    def host(self, path: str, array: np.ndarray) -> None:
+        """Check a leaf read as numpy (``path`` relative to ``prefix``) if its fingerprint
+        is a CRC of host bytes; a device fingerprint waits for the placed array."""
+        key = self.prefix + path
+        want = self.expected.get(key)
+        if want is None or "crc32c" not in want:
+            return
+        self._done.add(key)
+        self._compare(key, finish(("crc32c", array)), want)
+
+    def tree(self, tree: Any) -> "Check":
+        """Check every leaf of a restored ``tree`` that :meth:`host` did not."""
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        for path, leaf in flat:
+            key = self.prefix + path_str(path)
+            want = self.expected.get(key)
+            if want is None or key in self._done or \
+                    not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+                continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
+            self._compare(key, _restored(_key_data(leaf), want), want)
+        return self
+
+    def _compare(self, key: str, got: dict[str, int], want: dict[str, int]) -> None:
         if got != {k: v for k, v in want.items() if k in got}:
             algorithm = next(iter(got))
-            problems.append(f"{key}: array data does not match its fingerprint ({algorithm} "
-                            f"{got[algorithm]:#010x}, manifest says {want[algorithm]:#010x})")
-    return problems
+            self.problems.append(
+                f"{key}: array data does not match its fingerprint ({algorithm} "
+                f"{got[algorithm]:#010x}, manifest says {want[algorithm]:#010x})")
+
+
+def _restored(leaf: Any, want: dict[str, int]) -> dict[str, int]:
+    if "crc32c" in want:
+        host = _host_bytes(leaf)
+        return finish(("crc32c", host if host is not None else np.asarray(leaf)))
+    return finish(("wsum32", _of_device_array(leaf) if isinstance(leaf, jax.Array)
+                   else _wsum(_host_words(np.asarray(leaf)))))

@@ -297,6 +297,46 @@ def test_every_checkpoint_corrupt(ckpt):
     assert all(f"step {s}: state/" in msg for s in (2, 3, 4)) and "None was modified" in msg
 
 
+# Leaves of every size a restore treats apart: read as numpy and checked before they are
+# copied into place (up to a few MiB), or placed by Orbax and checked where they are.
+ARRAYS = {"small": 1_000, "medium": 700_000, "large": 1_500_000}  # float32: 4 KB, 2.7, 5.7 MiB
+
+
+def array_state(seed):
+    keys = jax.random.split(jax.random.key(seed), len(ARRAYS))
+    return {name: jax.random.normal(k, (n,)) for k, (name, n) in zip(keys, ARRAYS.items())}
+
+
+@pytest.mark.parametrize("leaf", list(ARRAYS))
+def test_a_flipped_byte_in_any_array_is_named_and_skipped(tmp_path, leaf):
+    """A data file over 1 MiB has no checksum of its own: the arrays read from it are
+    compared with their fingerprints. The flipped byte is found whichever way the array
+    is placed, named by its leaf, and restore('latest') falls back to step 1."""
+    states = {step: array_state(step) for step in (1, 2)}
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
+        for step, state in states.items():
+            m.save(step, state)
+    head = np.asarray(states[2][leaf]).tobytes()[:64]
+    data = next(p for p in (tmp_path / "2").glob("state/**/d/*") if head in p.read_bytes())
+    raw = bytearray(data.read_bytes())
+    at = raw.find(head)
+    assert data.stat().st_size > integrity.SMALL_FILE
+    raw[at + 4 * ARRAYS[leaf] // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    problem = rf"state/{leaf}: array data does not match its fingerprint \(crc32c"
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          states[1])
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        report = m.verify()
+        assert report[1] == [] and len(report[2]) == 1 and re.search(problem, report[2][0])
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        with pytest.raises(jaxckpt.CheckpointCorruptError, match=problem):
+            m.restore(2, target=target)
+        with pytest.warns(UserWarning, match=r"skipped corrupt checkpoint\(s\) \[2\]"):
+            latest = m.restore_checkpoint("latest", target=target)
+        assert latest.step == 1 and leaves_equal(latest.state, states[1])
+
+
 def test_missing_manifest_is_unverified_but_usable(ckpt):
     """What a writer killed between Orbax's commit and the manifest leaves behind."""
     d, states = ckpt
