@@ -75,6 +75,31 @@ def run_size(cfg: dict) -> dict:
             "raw": raw}
 
 
+def run_first_save(cfg: dict) -> dict:
+    """Raw Orbax's first save in a fresh process of its own, measured as ``run_size``
+    measures jaxckpt's (same state, same save interval): what a user of plain Orbax
+    pays for its one-time pools and the buffers the training step cannot reuse while
+    the save holds them. Without it, jaxckpt's first save had no figure to stand beside.
+    """
+    base, local = _base(cfg, f"first-{cfg['size_mb']:g}")
+    rss = measure.RssSampler()
+    emit("building state")
+    w = workload.mlp(cfg["size_mb"], cfg["layers"], cfg["batch"])
+    step_s = phases.step_time(w, cfg["interval"])
+    every = cfg["steps"] or max(2, round(cfg["interval"] / step_s))
+    saver = savers.OrbaxSaver(f"{base}/orbax")
+    ctx = phases.Context(w, {"orbax": saver}, every, rss, prefault=cfg["prefault"])
+    try:
+        first = phases.first_save(ctx, "orbax")
+    finally:
+        saver.close()
+        rss.close()
+        if local:
+            measure.rmtree(base)
+    return {"size_mb": cfg["size_mb"], "state_bytes": w.state_bytes, "every": every,
+            "first": first, "peak_ram_over_state": first["peak_extra_rss"] / w.state_bytes}
+
+
 def run_leaves(cfg: dict) -> dict:
     """A state of many small arrays: save (then wait) and cold restore, per leaf."""
     import jax
@@ -313,13 +338,15 @@ def run_tuning(cfg: dict) -> dict:
             "restore_Bps": n / restore_s}
 
 
-CASES = {"size": run_size, "leaves": run_leaves, "auto": run_auto, "tuning": run_tuning}
+CASES = {"size": run_size, "first": run_first_save, "leaves": run_leaves,
+         "auto": run_auto, "tuning": run_tuning}
 
 
 def units(cfg: dict) -> int:
     """How many progress messages a case sends (the length of its progress bar)."""
-    return {"size": lambda: 7 + 4 * cfg["rounds"], "leaves": lambda: 3 + cfg["rounds"],
-            "auto": lambda: 6, "tuning": lambda: 4}[cfg["job"]]()
+    return {"size": lambda: 7 + 4 * cfg["rounds"], "first": lambda: 3,
+            "leaves": lambda: 3 + cfg["rounds"], "auto": lambda: 6,
+            "tuning": lambda: 4}[cfg["job"]]()
 
 
 def child_main(cfg: dict) -> None:

@@ -63,6 +63,7 @@ def size_figures(m: dict) -> tuple[dict, dict]:
     }
     raw = {
         "platform": m["platform"],
+        "state_bytes": n,
         "model": m["model"],
         "step_s": m["step_s"],
         "save_every_steps": every,

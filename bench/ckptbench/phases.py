@@ -86,16 +86,19 @@ def period(ctx: Context, kind: str) -> dict:
             "first_step": first, "peak_rss": ctx.rss.peak(start, end), "rss_before": before}
 
 
-def first_save(ctx: Context) -> dict:
-    """The process's first jaxckpt save, while training: the user's real peak memory
-    (one-time thread pools and buffers included) over the same loop without saving."""
+def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
+    """The process's first save of ``kind``, while training: the user's real peak memory
+    (one-time thread pools and buffers included) over the same loop without saving. The
+    other kinds' pools are warmed after it, outside every figure."""
     emit("first save (memory)")
     ctx.w.run(1)
     time.sleep(0.05)
     rss_train = ctx.rss.now()
-    p = period(ctx, "jaxckpt")
-    ctx.save("orbax")  # warm raw Orbax's pools too, outside every figure
-    ctx.savers["orbax"].wait()
+    p = period(ctx, kind)
+    for other in ctx.savers:
+        if other != kind:
+            ctx.save(other)
+            ctx.savers[other].wait()
     return {"rss_train": rss_train, "period": p,
             "peak_extra_rss": p["peak_rss"] - rss_train}
 

@@ -174,6 +174,10 @@ RAW_ROWS = [
     ("restored bit-exact", lambda w: str(w["restore_exact"])),
     ("bytes on disk", lambda w: fmt_bytes(w["bytes_on_disk"])),
     ("first save: peak extra RSS", lambda w: fmt_bytes(w["first_save_peak_extra_rss_bytes"])),
+    ("first save, peak extra / state: jaxckpt / raw Orbax (own process)", lambda w: (
+        f"{w['first_save_peak_extra_rss_bytes'] / w['state_bytes']:.2f} / "
+        + ("-" if "orbax_first_save_peak_ram_over_state" not in w
+           else f"{w['orbax_first_save_peak_ram_over_state']:.2f}"))),
     ("later saves: extra RSS jaxckpt / orbax", lambda w: (
         f"{fmt_bytes(max(w['per_save_transient_rss_bytes']['jaxckpt']))} / "
         f"{fmt_bytes(max(w['per_save_transient_rss_bytes']['orbax']))}")),

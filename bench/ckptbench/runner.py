@@ -33,7 +33,11 @@ def plan(args, base: str, work: Path) -> tuple[dict, list[dict]]:
                                  else args.blocking_reps),
                   layers=args.layers, batch=args.batch, quick=args.quick,
                   prefault=not args.no_prefault)
-    jobs = [dict(common, job="size", size_mb=s, label=f"{s:g} MiB") for s in sizes]
+    jobs = []
+    for s in sizes:
+        jobs.append(dict(common, job="size", size_mb=s, label=f"{s:g} MiB"))
+        jobs.append(dict(common, job="first", size_mb=s,
+                         label=f"raw Orbax's first save, {s:g} MiB"))
     if not args.no_leaves:
         n = args.leaves or preset["leaves"]
         jobs.append(dict(common, job="leaves", leaves=n, label=f"{n} small arrays"))
@@ -81,13 +85,16 @@ def new_result(command: str, machine: dict, settings: dict) -> dict:
             "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine, "config": settings, "targets": report.targets(),
             "orbax": savers.describe(),
-            "sizes": [], "many_leaves": None, "tuning": None, "auto": None}
+            "sizes": [], "orbax_first_saves": [], "many_leaves": None, "tuning": None,
+            "auto": None}
 
 
 def record(result: dict, job: dict, res: dict) -> None:
     """File one case's result under its place in the result document."""
     if job["job"] == "size":
         result["sizes"].append(res if "error" not in res else {"size_mb": job["size_mb"], **res})
+    elif job["job"] == "first":
+        _beside_size(result, job["size_mb"], res)
     elif job["job"] == "leaves":
         result["many_leaves"] = res
     elif job["job"] == "tuning":
@@ -98,6 +105,20 @@ def record(result: dict, job: dict, res: dict) -> None:
         result["tuning"].setdefault("state_bytes", res.get("state_bytes"))
     else:
         result["auto"] = res
+
+
+def _beside_size(result: dict, size_mb: float, res: dict) -> None:
+    """Raw Orbax's first save (its own process) filed with the size it belongs to."""
+    result["orbax_first_saves"].append(res if "error" not in res else {"size_mb": size_mb, **res})
+    size = next((s for s in result["sizes"] if s.get("size_mb") == size_mb and "raw" in s), None)
+    if size is None or "error" in res:
+        return
+    jaxckpt = size["raw"]["first_save_peak_extra_rss_bytes"]
+    orbax = res["first"]["peak_extra_rss"]
+    size["raw"]["orbax_first_save_peak_extra_rss_bytes"] = orbax
+    size["raw"]["orbax_first_save_peak_ram_over_state"] = res["peak_ram_over_state"]
+    if orbax > 0:  # a state too small to show in the RSS has no ratio
+        size["ratios"]["first_save_peak_ram_over_orbax"] = jaxckpt / orbax
 
 
 def run_all(script: str, jobs: list[dict], result: dict, work: Path, console) -> list[str]:
