@@ -447,17 +447,38 @@ def _refuse_other_naming(directory: epath.Path, names: list[str],
                          timeout: float | None) -> None:
     """Refuse a directory holding Orbax checkpoints under another step naming: jaxckpt
     would not see them, and its own steps would be written beside them."""
+    theirs = other_naming(directory, names, timeout)
+    if theirs:
+        raise CheckpointDirectoryError(
+            f"{directory} holds Orbax checkpoints named {_shown(theirs)}: a step naming "
+            "jaxckpt does not read (Orbax's step_prefix or step_format_fixed_length), so it "
+            "would write its own steps beside them. Save into a new directory, or move them "
+            "to one of their own and restore them with Orbax. Nothing was changed.")
+
+
+def other_naming(directory: epath.Path, names: list[str] | None = None,
+                 timeout: float | None = storage.DEFAULT_TIMEOUT_S) -> list[str]:
+    """The Orbax checkpoints in ``directory`` (listed now when ``names`` is None) whose
+    names are not steps jaxckpt reads (``ckpt_50``, ``00000050``)."""
+    if names is None:
+        names = storage.list_names(directory, timeout=timeout)
     names = [n for n in names if fmt.step_of(n) is None and _OTHER_NAMING.fullmatch(n)]
-    theirs = sorted(n for n in names if storage.call(
+    return sorted(n for n in names if storage.call(
         (directory / n / fmt.ORBAX_METADATA).exists, what="looking up", path=directory / n,
         timeout=timeout))
-    if theirs:
-        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
-        raise CheckpointDirectoryError(
-            f"{directory} holds Orbax checkpoints named {shown}: a step naming jaxckpt does "
-            "not read (Orbax's step_prefix or step_format_fixed_length), so it would write "
-            "its own steps beside them. Save into a new directory, or move them to one of "
-            "their own and restore them with Orbax. Nothing was changed.")
+
+
+def other_naming_message(directory: epath.Path, theirs: list[str]) -> str:
+    """Why a directory whose checkpoints are all under another naming shows none."""
+    return (f"{directory} holds no checkpoint under jaxckpt's step naming, but Orbax "
+            f"checkpoints named {_shown(theirs)} (Orbax's step_prefix or "
+            "step_format_fixed_length): jaxckpt does not read them. Restore them with "
+            "orbax.checkpoint.CheckpointManager(..., options=CheckpointManagerOptions("
+            "step_prefix=...)).")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _is_step(which: Any) -> bool:

@@ -60,6 +60,11 @@ def _check_checkpoint_dir(directory: str):
         raise CliError(f"{directory} is a file, not a checkpoint directory.")
     if (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in path.iterdir()):
         return path
+    from jaxckpt.catalog import other_naming, other_naming_message
+
+    theirs = other_naming(path)
+    if theirs:
+        raise CliError(other_naming_message(directory, theirs))
     nested = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / HISTORY_FILE).exists())
     hint = f"; did you mean {path / nested[0]}?" if nested else (
         " (pass the directory given to CheckpointManager).")
@@ -68,7 +73,9 @@ def _check_checkpoint_dir(directory: str):
 
 
 def _is_step_dir(path) -> bool:
-    return path.name.isdigit() and path.is_dir()
+    from jaxckpt.format import step_of
+
+    return step_of(path.name) is not None and path.is_dir()
 
 
 def _open(directory: str, *, read_only: bool = True, monitor: str | None = None,

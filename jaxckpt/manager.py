@@ -38,7 +38,8 @@ import jax
 from jaxckpt import integrity, opening, orbax_io, reader, storage
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
-from jaxckpt.catalog import Catalog, Which, check_writable
+from jaxckpt.catalog import (Catalog, Which, check_writable, other_naming,
+                             other_naming_message)
 from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.policy import CheckpointPolicy, Record
 from jaxckpt.reader import Checkpoint
@@ -113,6 +114,8 @@ class CheckpointManager:
                 storage.finish_deletions(self._dir)
             self._catalog = Catalog(self._dir, policy or CheckpointPolicy(), self._timeout)
             self._catalog.scan(warn=self._warn_corrupt)
+            if read_only and not self._catalog.steps():
+                self._warn_other_naming()
             if self._primary and not read_only:
                 opening.finish_incomplete(self._catalog)
             self.policy = policy or opening.stored_policy(self._catalog, stored, read_only=read_only)
@@ -384,6 +387,13 @@ class CheckpointManager:
     def _check_lock(self) -> None:
         if self._dirlock is not None:
             self._dirlock.check()
+
+    def _warn_other_naming(self) -> None:
+        """A read-only open that finds no checkpoint says so when Orbax wrote some under
+        a step naming jaxckpt does not read (a writable open refuses the directory)."""
+        theirs = other_naming(self._dir, timeout=self._timeout)
+        if theirs:
+            warnings.warn(other_naming_message(self._dir, theirs), stacklevel=3)
 
     def _warn_corrupt(self, message: str) -> None:
         warnings.warn(message + ": it is set aside, never restored, never best and never "

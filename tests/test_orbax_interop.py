@@ -217,6 +217,15 @@ def test_orbax_checkpoints_under_another_step_naming_refuse_a_writable_open(tmp_
                        match=f"Orbax checkpoints named {', '.join(names)}: a step naming"):
         CheckpointManager(directory, policy=POLICY)
     assert snapshot(directory) == before
+    # A read-only open and the CLI find nothing, and say why instead of listing nothing.
+    with pytest.warns(UserWarning, match=f"no checkpoint under jaxckpt's step naming, but Orbax "
+                                         f"checkpoints named {', '.join(names)}"):
+        with CheckpointManager(directory, read_only=True) as m:
+            assert m.steps() == []
+    out = subprocess.run([sys.executable, "-m", "jaxckpt", "ls", str(directory)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0 and f"Orbax checkpoints named {names[0]}" in out.stderr, out
+    assert snapshot(directory) == before
 
 
 def test_adopt_applies_the_policy_to_orbax_checkpoints(tmp_path):
