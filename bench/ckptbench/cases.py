@@ -33,14 +33,19 @@ def _both(base: str) -> dict:
             "orbax": savers.OrbaxSaver(f"{base}/orbax")}
 
 
+def _training(cfg: dict) -> tuple[workload.Workload, float, int]:
+    """The state of ``cfg``'s size, its step time and the steps between two saves."""
+    emit("building state")
+    w = workload.mlp(cfg["size_mb"], cfg["layers"], cfg["batch"])
+    step_s = phases.step_time(w, cfg["interval"])
+    return w, step_s, cfg["steps"] or max(2, round(cfg["interval"] / step_s))
+
+
 def run_size(cfg: dict) -> dict:
     """Every figure for one state size: the phases in order, then ``figures``."""
     base, local = _base(cfg, f"size-{cfg['size_mb']:g}")
     rss = measure.RssSampler()
-    emit("building state")
-    w = workload.mlp(cfg["size_mb"], cfg["layers"], cfg["batch"])
-    step_s = phases.step_time(w, cfg["interval"])
-    every = cfg["steps"] or max(2, round(cfg["interval"] / step_s))
+    w, step_s, every = _training(cfg)
     both = _both(base)
     ctx = phases.Context(w, both, every, rss, prefault=cfg["prefault"])
     try:
@@ -83,10 +88,7 @@ def run_first_save(cfg: dict) -> dict:
     """
     base, local = _base(cfg, f"first-{cfg['size_mb']:g}")
     rss = measure.RssSampler()
-    emit("building state")
-    w = workload.mlp(cfg["size_mb"], cfg["layers"], cfg["batch"])
-    step_s = phases.step_time(w, cfg["interval"])
-    every = cfg["steps"] or max(2, round(cfg["interval"] / step_s))
+    w, _, every = _training(cfg)
     saver = savers.OrbaxSaver(f"{base}/orbax")
     ctx = phases.Context(w, {"orbax": saver}, every, rss, prefault=cfg["prefault"])
     try:
