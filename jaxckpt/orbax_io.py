@@ -168,8 +168,8 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     so the copy reads the bytes from the cache, not from memory again. Orbax instead
     places each array with a ``device_put`` of its own into a zero-filled buffer (~1 ms
     per array: a warm 32 MiB restore of 51 arrays took 155 ms that way, 82 ms placed
-    after). A cold 128 MiB restore of 2.7 MiB arrays, checked, went from 1.12x raw
-    Orbax's time (placed by Orbax, checked after) to 1.01x. Larger arrays go through
+    after). A cold 128 MiB restore of 2.7 MiB arrays, checked, went from 1.12-1.17x raw
+    Orbax's time (placed by Orbax, checked after) to 0.96-1.09x. Larger arrays go through
     Orbax, which overlaps their placement with the reads (48 arrays of 11 MiB, placed
     after all reads: 1.33x instead of 1.09x); so do arrays sharded across processes,
     each process reading its shards. ``check.tree`` then checks those where they are.
