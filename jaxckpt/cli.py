@@ -58,14 +58,15 @@ def _check_checkpoint_dir(directory: str):
         raise CliError(f"{directory}: no such directory.")
     if not path.is_dir():
         raise CliError(f"{directory} is a file, not a checkpoint directory.")
-    if (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in path.iterdir()):
+    entries = list(path.iterdir())  # one listing for every question below
+    if (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in entries):
         return path
     from jaxckpt.catalog import other_naming, other_naming_message
 
-    theirs = other_naming(path)
+    theirs = other_naming(path, [p.name for p in entries])
     if theirs:
         raise CliError(other_naming_message(directory, theirs))
-    nested = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / HISTORY_FILE).exists())
+    nested = sorted(p.name for p in entries if p.is_dir() and (p / HISTORY_FILE).exists())
     hint = f"; did you mean {path / nested[0]}?" if nested else (
         " (pass the directory given to CheckpointManager).")
     raise CliError(f"{directory} is not a jaxckpt checkpoint directory: no {HISTORY_FILE} and "

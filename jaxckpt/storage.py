@@ -19,8 +19,9 @@ from etils import epath
 from jaxckpt import format as fmt
 
 __all__ = ["is_remote", "as_path", "call", "atomic_write_text", "read_text", "move_tree",
-           "check_writable", "occupant", "walk_files", "list_names", "remove_tree", "finish_deletions",
-           "forget_cached_listings", "StorageTimeoutError", "DEFAULT_TIMEOUT_S"]
+           "check_writable", "occupant", "walk_files", "list_names", "remove_tree",
+           "finish_deletions", "forget_cached_listings", "StorageTimeoutError",
+           "DEFAULT_TIMEOUT_S"]
 
 log = logging.getLogger("jaxckpt")
 T = TypeVar("T")

@@ -217,8 +217,8 @@ class Writer:
         the CRCs of host arrays then take none of the time from ``save()`` to the manifest.
         """
         step_dir = self.directory / str(step)
-        arrays = fingerprint.resolve(started) if self.primary else None
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
+        arrays = fingerprint.resolve(started) if self.primary else None
         self.ocp.wait_until_finished()  # no deadline of its own: finish_pending has it
         self.ocp.check_for_errors()
         if self.primary and not self._abandoned.is_set():
