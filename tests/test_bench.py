@@ -25,7 +25,8 @@ VS_ORBAX = {"throughput_over_orbax", "save_cpu_over_orbax", "persist_over_orbax"
 RAW = {"step_s", "save_every_steps", "steps_per_s", "orbax_throughput_ratio", "save_blocking_s",
        "sync_save_blocking_s", "first_step_after_save_s", "d2h_s", "persist_s", "persist_Bps",
        "disk", "restore_cold_s", "restore_Bps", "restore_exact", "orbax_restore_Bps",
-       "first_save_peak_extra_rss_bytes", "per_save_transient_rss_bytes", "save_cpu_s",
+       "first_save_peak_extra_rss_bytes", "first_save_peak_over_rest_bytes",
+       "loop_peak_over_rest_bytes", "per_save_transient_rss_bytes", "save_cpu_s",
        "jaxckpt_own_s", "save_blocking_p50_minus_orbax_s", "lost_per_save_over_host_copy",
        "idle_save_cpu_s", "orbax_save_cost_training_s"}
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -95,6 +96,12 @@ def test_overhead_tiny_run_writes_every_key(smoke):
     assert orbax_first["size_mb"] == size["size_mb"] and orbax_first["every"] >= 2
     assert size["raw"]["orbax_first_save_peak_extra_rss_bytes"] == \
         orbax_first["first"]["peak_extra_rss"] > 0
+    # A first save's peak is taken over the same loop's own peak without a save.
+    first = orbax_first["first"]
+    assert first["peak_extra_rss"] == first["period"]["peak_rss"] - max(
+        first["loop"]["peak_rss"], first["rss_train"])
+    assert size["raw"]["first_save_peak_over_rest_bytes"] == \
+        size["raw"]["first_save_peak_extra_rss_bytes"] + size["raw"]["loop_peak_over_rest_bytes"]
     assert_positive_finite(size["ratios"])
     assert RAW <= set(size["raw"])
     assert {"p50", "p95"} <= set(size["raw"]["save_blocking_s"]["jaxckpt"])
@@ -163,7 +170,8 @@ def test_figures_are_quotients_of_medians():
     ratios, raw = figures.size_figures({
         "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 3,
         "model": {}, "platform": "cpu", "blocks": blocks,
-        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50},
+        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
+                  "peak_over_rest": 70, "loop_peak_over_rest": 20},
         "extra_blocking": {"jaxckpt": [0.02], "orbax": [0.01]}, "sync": [0.3],
         "d2h": {"copy": [0.2, 0.2, 0.2], "device_get": [0.001] * 3},
         "writes": {"wall_s": {"jaxckpt": [2.0, 2.0, 9.0], "orbax": [1.0, 1.0, 1.0]},

@@ -116,6 +116,8 @@ def size_figures(m: dict) -> tuple[dict, dict]:
         "orbax_restore_Bps": n / restore_s["orbax"],
         "rss_train_bytes": m["first"]["rss_train"],
         "first_save_peak_extra_rss_bytes": m["first"]["peak_extra_rss"],
+        "first_save_peak_over_rest_bytes": m["first"]["peak_over_rest"],
+        "loop_peak_over_rest_bytes": m["first"]["loop_peak_over_rest"],
         "first_save_period_s": m["first"]["period"]["s"],
         "per_save_transient_rss_bytes": transient,
         "orbax_per_save_transient_over_state": max(transient["orbax"]) / n,

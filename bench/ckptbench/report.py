@@ -173,7 +173,10 @@ RAW_ROWS = [
      else f"{ms(w['verify_cold_s'])} ({fmt_bytes(w['verify_cold_bytes'])})"),
     ("restored bit-exact", lambda w: str(w["restore_exact"])),
     ("bytes on disk", lambda w: fmt_bytes(w["bytes_on_disk"])),
-    ("first save: peak extra RSS", lambda w: fmt_bytes(w["first_save_peak_extra_rss_bytes"])),
+    ("training without saves: peak RSS over rest", lambda w: fmt_bytes(
+        w["loop_peak_over_rest_bytes"])),
+    ("first save: peak extra RSS (over that peak)", lambda w: fmt_bytes(
+        w["first_save_peak_extra_rss_bytes"])),
     ("first save, peak extra / state: jaxckpt / raw Orbax (own process)", lambda w: (
         f"{w['first_save_peak_extra_rss_bytes'] / w['state_bytes']:.2f} / "
         + ("-" if "orbax_first_save_peak_ram_over_state" not in w

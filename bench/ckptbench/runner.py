@@ -116,6 +116,7 @@ def _beside_size(result: dict, size_mb: float, res: dict) -> None:
     jaxckpt = size["raw"]["first_save_peak_extra_rss_bytes"]
     orbax = res["first"]["peak_extra_rss"]
     size["raw"]["orbax_first_save_peak_extra_rss_bytes"] = orbax
+    size["raw"]["orbax_first_save_peak_over_rest_bytes"] = res["first"]["peak_over_rest"]
     size["raw"]["orbax_first_save_peak_ram_over_state"] = res["peak_ram_over_state"]
     if orbax > 0:  # a state too small to show in the RSS has no ratio
         size["ratios"]["first_save_peak_ram_over_orbax"] = jaxckpt / orbax
