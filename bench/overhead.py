@@ -2,7 +2,7 @@
 
 Synopsis::
 
-    python bench/overhead.py --quick --json out.json     # 3 small sizes, ~4 min on 2 cores
+    python bench/overhead.py --quick --json out.json     # 3 small sizes, ~12 min on 2 cores
     python bench/overhead.py --sizes 128 512 2048        # state sizes in MiB (params + Adam)
     python bench/overhead.py --sizes 4096 16384 --dir /mnt/fast   # a GPU host, another disk
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save every K steps (overrides --interval)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds of each measurement; figures are their medians "
-                        f"(default {full['rounds']})")
+                        f"(default {full['rounds']}, --quick {quick['rounds']})")
     p.add_argument("--blocking-reps", type=int, default=None,
                    help="extra saves of each kind for the blocking statistics (default "
                         f"{full['blocking_reps']}, --quick {quick['blocking_reps']})")
