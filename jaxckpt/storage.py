@@ -323,9 +323,24 @@ def check_writable(directory: epath.Path) -> None:
         raise fail(errno.ENOSPC)
 
 
-def occupant(path: epath.Path) -> str | None:
-    """What is at local ``path``, in words ("a file", "an empty directory", ...), or None
-    when nothing is (a dangling link counts: a directory cannot be made there)."""
+def occupant(path: epath.Path, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> str | None:
+    """What is at ``path``, in words ("a file", "an empty directory", ...), or None when
+    nothing is (a dangling link counts: a directory cannot be made there).
+
+    On a store, one lookup (gcsfs asks for the object and lists the prefix at once):
+    Orbax's save deletes whatever is at a step name there before writing, silently.
+    """
+    if is_remote(path):
+        def look():
+            forget_cached_listings(path)  # another client's object is not in this cache
+            fs, key = _fsspec(path)
+            try:
+                info = fs.info(key)
+            except FileNotFoundError:
+                return None
+            return "objects that are not a checkpoint of this run" \
+                if info.get("type") == "directory" else "an object (a file)"
+        return call(look, what="looking up", path=path, timeout=timeout)
     local = os.fspath(path)
     if not os.path.lexists(local):
         return None

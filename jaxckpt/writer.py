@@ -63,6 +63,8 @@ class Writer:
         self.primary, self.timeout, self.warn_corrupt = primary, timeout, warn_corrupt
         self.last_save_time, self.start_time = last_save_time, start_time
         self._warned = False  # about saves without the monitored metric, once
+        self._tried: set[int] = set()  # steps handed to Orbax (on a store, a failed one
+        # leaves its unfinished objects at the step name)
         self._drain_timeout = timeout  # for the background work: see write_deadline
         self.ocp = self._new_orbax()
         self.background = Background()
@@ -137,9 +139,9 @@ class Writer:
 
     def write(self, step, state, metrics, epoch, data_state, now, value, reason,
                started) -> None:
-        # A disk only: a store has no directories to delete or make, and a check would cost
-        # a round trip in every save().
-        if not storage.is_remote(self.directory):
+        # A disk only: a store has no directories to delete or make.
+        remote = storage.is_remote(self.directory)
+        if not remote:
             try:
                 storage.check_writable(self.directory)
             except OSError as e:
@@ -151,6 +153,10 @@ class Writer:
                         "save into a new directory with a new CheckpointManager.") from None
                 raise write_error(f"saving step {step} to {self.directory}", e,
                                   self.catalog.steps()) from e
+        # On a store, one lookup per save (Orbax itself makes one too): Orbax deletes what
+        # is at the step name before writing. A step this run tried before holds its own
+        # unfinished write, which Orbax may overwrite.
+        if not (remote and step in self._tried):
             self._check_step_free(step)
         previous = self.catalog.latest()
         records = list(self.catalog.records.values())
@@ -160,6 +166,7 @@ class Writer:
                                improved=improved,
                                ledger=self.ledger.segment(self._segment_start(previous), step))
         start = time.perf_counter()
+        self._tried.add(step)
         try:
             orbax_io.save(self.ocp, step, state, meta, data_state,
                           {self.policy.monitor: value} if value is not None else None)
@@ -186,10 +193,10 @@ class Writer:
 
     def _check_step_free(self, step: int) -> None:
         """Refuse a step whose name is taken by something that is not a checkpoint (an
-        empty directory, a file, a link, an unfinished copy): Orbax would fail on it at
-        every try, in the background for a file."""
+        empty directory, a file, a link, an unfinished copy): on a disk Orbax would fail on
+        it at every try (in the background for a file); on a store it deletes it, silently."""
         path = self.directory / str(step)
-        kind = storage.occupant(path)
+        kind = storage.occupant(path, timeout=self.timeout)
         if kind is not None:
             self.ledger.mark_unsaved([step])
             raise CheckpointWriteError(

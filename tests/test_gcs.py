@@ -191,6 +191,38 @@ def test_async_save_commits_in_the_background_what_was_saved(gcs, gs_dir):
     assert top_level(gcs, prefix) == {"2", "3", "jaxckpt.json"}
 
 
+def test_a_step_name_taken_by_objects_jaxckpt_did_not_write_is_refused_and_left_alone(gcs,
+                                                                                     gs_dir):
+    """Orbax's save deletes whatever is at the step name on a store, silently: jaxckpt
+    refuses the step instead, as it does on a disk, and names the fix."""
+    from google.cloud import storage
+
+    directory, prefix = gs_dir
+    bucket = storage.Client().bucket(gcs.bucket)
+    with CheckpointManager(directory, CheckpointPolicy(keep_latest=3)) as mngr:
+        mngr.save(5, {"x": np.arange(4.0)})
+        mngr.wait()
+        # Put there after the open (which removes incomplete steps), by another client.
+        bucket.blob(f"{prefix}/7/notes.txt").upload_from_string(b"not a checkpoint\n")
+        bucket.blob(f"{prefix}/9").upload_from_string(b"a file\n")
+        for step, what in ((7, "objects that are not a checkpoint"), (9, "an object")):
+            with pytest.raises(jaxckpt.CheckpointWriteError,
+                               match=f"save\\(step={step}\\): gs://.*/{step} already exists, "
+                                     f"{what}.*move it away or delete it") as e:
+                mngr.save(step, {"x": np.arange(4.0) * step})
+                mngr.wait()
+            assert "every checkpoint is intact ([5])" in str(e.value)
+        mngr.save(10, {"x": np.arange(4.0) * 10})
+        mngr.wait()
+        assert mngr.steps() == [5, 10]
+        assert [e["step"] for e in mngr.entries() if e["saved"]] == [5, 10]
+    assert object_text(gcs, f"{prefix}/7/notes.txt") == "not a checkpoint\n"
+    assert object_text(gcs, f"{prefix}/9") == "a file\n"
+    assert gcs.list_objects(f"{prefix}/7/") == [f"{prefix}/7/notes.txt"]
+    with CheckpointManager(directory, read_only=True) as mngr:
+        assert mngr.steps() == [5, 10] and mngr.verify() == {5: [], 10: []}
+
+
 # -- the CLI on the bucket ---------------------------------------------------------------------
 
 
