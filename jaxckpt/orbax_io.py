@@ -10,8 +10,10 @@ subtree (``partial_restore``): the other arrays' bytes are never read.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -152,7 +154,7 @@ def item_metadata(item_dir: epath.Path) -> Any:
     """The saved tree of an item: ``ArrayMetadata`` leaves (shape, dtype) and scalars."""
     # The handler, not a Checkpointer: that one looks for a step record inside the item
     # and logs a warning that it is missing (it never is there).
-    meta = ocp.PyTreeCheckpointHandler().metadata(item_dir)
+    meta = _settled_read(_read_handler().metadata, item_dir)
     meta = getattr(meta, "item_metadata", meta)
     return meta.tree if hasattr(meta, "tree") else meta
 
@@ -182,8 +184,9 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     for key in reversed(subtree):
         item = {key: item}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=bool(subtree)))
+    restored = _settled_read(ocp.Checkpointer(_read_handler()).restore, item_dir,
+                             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                         partial_restore=bool(subtree)))
     for key in subtree:
         restored = restored[key]
     read = treedef.flatten_up_to(restored)
@@ -196,6 +199,142 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
         for i, array in zip(batch, placed):
             read[i] = array
     return treedef.unflatten(read)
+
+
+def _read_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's PyTree handler, reading through :class:`_SettledHandler`s."""
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=_SETTLED_REGISTRY)
+
+
+def _settled_read(read: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``read(*args, **kwargs)``, an Orbax read through :func:`_read_handler`, raising the
+    first error of its leaves once every leaf's read has finished.
+
+    What Orbax makes of the placeholders a failed batch returns (a result, or an error
+    of its own) is dropped: the read's error is the one to raise.
+    """
+    failed: list[Exception] = []
+    token = _FAILED_READS.set(failed)
+    try:
+        out = read(*args, **kwargs)
+    except Exception:
+        if not failed:
+            raise
+        out = None
+    finally:
+        _FAILED_READS.reset(token)
+    if failed:
+        raise failed[0]
+    return out
+
+
+_FAILED_READS: contextvars.ContextVar[list[Exception] | None] = contextvars.ContextVar(
+    "jaxckpt_failed_reads", default=None)
+"""Where :class:`_SettledHandler` puts the error of a failed batch (``_settled_read``'s)."""
+
+_READ_TASKS: contextvars.ContextVar[set[asyncio.Task] | None] = contextvars.ContextVar(
+    "jaxckpt_read_tasks", default=None)
+"""The tasks a batch's read starts (see ``_track_tasks``)."""
+
+
+class _SettledHandler(ocp.type_handlers.TypeHandler):
+    """An Orbax type handler whose reads have all finished when one of them fails.
+
+    Orbax runs each read in an event loop of its own and closes it as soon as the read
+    raises. A leaf that fails (its step deleted meanwhile by a live writer's retention)
+    makes ``asyncio.gather`` raise with the batch's other reads still in flight: they
+    then finish on the closed loop, and asyncio prints "Event loop is closed" and
+    "Future exception was never retrieved" tracebacks after jaxckpt has handled the
+    error. Here a failed batch awaits its other reads, and hands its error
+    to :func:`_settled_read` rather than to Orbax, which therefore waits for its other
+    batches too (placeholders in their results stand for the failed leaves).
+    """
+
+    def __init__(self, inner: ocp.type_handlers.TypeHandler):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # Orbax reads some handlers' own attributes
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def typestr(self) -> str:
+        return self._inner.typestr()
+
+    async def metadata(self, infos):
+        return await _settle(lambda: self._inner.metadata(infos), len(infos))
+
+    async def deserialize(self, infos, args=None):
+        return await _settle(lambda: self._inner.deserialize(infos, args), len(infos))
+
+    async def serialize(self, values, infos, args=None):
+        return await self._inner.serialize(values, infos, args)
+
+    def finalize(self, directory: epath.Path) -> None:
+        self._inner.finalize(directory)
+
+
+async def _settle(start: Callable[[], Any], count: int) -> Any:
+    """Await ``start()``; when it raises, first await every task it started."""
+    tasks: set[asyncio.Task] = set()
+    _track_tasks(asyncio.get_running_loop())
+    token = _READ_TASKS.set(tasks)
+    try:
+        return await start()
+    except Exception as e:
+        # Awaited, not cancelled: a read that has just finished on a tensorstore thread
+        # still hands its result to this loop, cancelled or not.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        failed = _FAILED_READS.get()
+        if failed is None:
+            raise
+        failed.append(e)
+        return [None] * count
+    finally:
+        _READ_TASKS.reset(token)
+
+
+def _track_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop`` (Orbax's own, for one read) add each task it creates to the
+    ``_READ_TASKS`` of the code creating it: ``asyncio.gather`` keeps no list of them."""
+    factory = loop.get_task_factory()
+    if getattr(factory, "jaxckpt_tracks", False):
+        return
+
+    def tracked(loop, coro, **kwargs):
+        task = (factory(loop, coro, **kwargs) if factory is not None else
+                asyncio.Task(coro, loop=loop, **kwargs))
+        started = _READ_TASKS.get()
+        if started is not None:
+            started.add(task)
+        return task
+    tracked.jaxckpt_tracks = True
+    loop.set_task_factory(tracked)
+
+
+class _SettledRegistry:
+    """Orbax's global type handlers, each read through a :class:`_SettledHandler` (one
+    per handler: Orbax batches the leaves of one handler together)."""
+
+    def __init__(self):
+        self._wrapped: dict[Any, _SettledHandler] = {}
+
+    def get(self, ty: Any) -> _SettledHandler:
+        inner = ocp.type_handlers.get_type_handler(ty)
+        wrapped = self._wrapped.get(inner)
+        if wrapped is None:
+            wrapped = self._wrapped.setdefault(inner, _SettledHandler(inner))
+        return wrapped
+
+    def has(self, ty: Any) -> bool:
+        return ocp.type_handlers.has_type_handler(ty)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("jaxckpt reads with Orbax's global type handlers: register a "
+                        "handler with ocp.type_handlers.register_type_handler.")
+
+
+_SETTLED_REGISTRY = _SettledRegistry()
 
 
 _PLACED_AFTER_MAX_BYTES = 4 << 20

@@ -447,6 +447,31 @@ def test_verify_skips_a_step_the_writer_deletes_while_its_arrays_are_read(ckpt, 
         assert m.steps() == [2, 4]
 
 
+def test_a_read_that_fails_midway_prints_no_asyncio_tracebacks(tmp_path, capfd, caplog):
+    """One array that fails while another is still being read (a step the writer deletes
+    meanwhile): Orbax closed its event loop at the first error, and the read still in
+    flight then printed "Event loop is closed" (or "Future exception was never
+    retrieved") to stderr, after jaxckpt had raised. The restore now raises once every
+    read has finished."""
+    import orbax.checkpoint as ocp
+    step = tmp_path / "c" / "1"
+    big = np.random.default_rng(0).standard_normal(4_000_000)  # 32 MB: read for ~10 ms
+    ocp.PyTreeCheckpointer(use_ocdbt=False).save(step, {"big": big, "small": np.arange(8.0)})
+    (step / "small" / "0").unlink()  # a file per array: this one fails at once
+    unraisable = []  # what tensorstore's threads print (pytest would make it a warning)
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with CheckpointManager(tmp_path / "c", read_only=True) as m, \
+                pytest.raises(ValueError, match="small/0"):
+            m.restore(1)
+        time.sleep(1)  # a read left in flight is done long before this
+    finally:
+        sys.unraisablehook = hook
+    noise = "".join(f"{u.exc_value!r}\n" for u in unraisable) + capfd.readouterr().err + caplog.text
+    for text in ("Event loop is closed", "never retrieved", "never awaited", "destroyed"):
+        assert text not in noise, noise[-3000:]
+
+
 def test_readers_beside_a_live_writer_never_fail(tmp_path):
     d = tmp_path / "c"
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(d)],
