@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal
 from etils import epath
 
 from jaxckpt import format as fmt
-from jaxckpt import storage
+from jaxckpt import ocdbt, storage
 
 __all__ = ["Verdict", "MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "write_manifest",
            "read_manifest", "check", "safe_relative_path"]
@@ -67,7 +67,8 @@ class Verdict:
     """What :func:`check` found in one step directory.
 
     Attributes:
-      problems: one line per damaged file (path relative to the step, then what is wrong).
+      problems: one line per damaged file (path relative to the step, then what is wrong;
+        an array data file's ends with the arrays it holds, :mod:`jaxckpt.ocdbt`).
       has_manifest: False for a checkpoint whose writer stopped between Orbax's commit
         and the manifest, one older than manifests, or one jaxckpt did not write.
       writer: ``"jaxckpt"``, ``"orbax"`` (plain Orbax: no jaxckpt ``meta`` record) or
@@ -371,7 +372,8 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
         return Verdict(step, missing, has_manifest=True, incomplete=True)
     contents: dict[str, bytes] = {}  # the small files read for their checksums
     if manifest is not None:
-        problems = _file_problems(step_dir, manifest, on_disk, checksums, contents)
+        problems = _with_arrays(step_dir, manifest,
+                                _file_problems(step_dir, manifest, on_disk, checksums, contents))
     records, json_problems = _json_records(step_dir, step, names, contents)
     problems = json_problems + problems
     if manifest is None:
@@ -391,9 +393,10 @@ def _half_deleted(manifest: dict, on_disk: dict[str, int]) -> bool:
 
 
 def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int],
-                   checksums: bool, contents: dict[str, bytes]) -> list[str]:
+                   checksums: bool, contents: dict[str, bytes]) -> list[tuple[str, str]]:
     """Every manifest entry against the listing; small files' checksums when asked (the
-    bytes read are kept in ``contents``)."""
+    bytes read are kept in ``contents``). ``[(file, problem)]``, each problem a line that
+    names its file."""
     problems, to_check = [], []
     algorithm = manifest["algorithm"]
     local = None if storage.is_remote(step_dir) else os.fspath(step_dir)
@@ -401,11 +404,12 @@ def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int]
         # A listed file is a real file or a symlink (a symlinked directory is not walked).
         if local and os.path.islink(os.path.join(local, rel)) and \
                 not storage.inside(step_dir, step_dir / rel):
-            problems.append(f"{rel}: leads outside the checkpoint directory (a symlink)")
+            problems.append(("", f"{rel}: leads outside the checkpoint directory (a symlink)"))
         elif rel not in on_disk:
-            problems.append(f"{rel}: missing")
+            problems.append((rel, f"{rel}: missing"))
         elif on_disk[rel] != entry["size"]:
-            problems.append(f"{rel}: size {on_disk[rel]} bytes, manifest says {entry['size']}")
+            problems.append((rel, f"{rel}: size {on_disk[rel]} bytes, manifest says "
+                                  f"{entry['size']}"))
         elif checksums and algorithm in entry:
             to_check.append(rel)
     # On a store concurrently: each read is a round trip. On a disk in turn: a thread
@@ -416,16 +420,31 @@ def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int]
         if isinstance(got, FileNotFoundError):
             raise got
         if isinstance(got, OSError):
-            problems.append(f"{rel}: unreadable ({got})")
+            problems.append((rel, f"{rel}: unreadable ({got})"))
             continue
         crc, data = got
         if data is not None:
             contents[rel] = data
         want = manifest["files"][rel][algorithm]
         if crc != want:
-            problems.append(f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, manifest "
-                            f"says {want:#010x})")
+            problems.append((rel, f"{rel}: checksum mismatch ({algorithm} {crc:#010x}, "
+                                  f"manifest says {want:#010x})"))
     return problems
+
+
+def _with_arrays(step_dir: epath.Path, manifest: dict,
+                 problems: list[tuple[str, str]]) -> list[str]:
+    """The problems, each damaged array data file's followed by the arrays it holds
+    (`` [holds arrays: state/params/dense/kernel, ...]``): its name alone says nothing
+    of what is hurt. Read from the item's OCDBT tree only when such a file is damaged."""
+    damaged = [rel for rel, _ in problems if ocdbt.is_data_file(rel)]
+    held: dict[str, list[str]] = {}
+    if damaged:
+        arrays = manifest.get("arrays") or {}
+        record = arrays.get("saved") or arrays.get("leaves")
+        leaves = {arrays["item"]: list(record)} if record and "item" in arrays else {}
+        held = ocdbt.arrays_in_files(step_dir, damaged, leaves)
+    return [text + held.get(rel, "") for rel, text in problems]
 
 
 def _read_checksum(path: epath.Path, size: int, algorithm: str

@@ -173,13 +173,21 @@ def test_later_saves_leave_earlier_manifests_valid(saved):
 
 # -- each corruption is named, restore refuses it, "latest" falls back ------------------------
 
+HOLDS = (r" \[(holds arrays: state/step, state/params/dense/bias, state/params/dense/kernel, "
+         r"\S+, .* and \d+ more|part of ocdbt\.process_0's own index, which a restore does "
+         r"not read)\]")
 CORRUPTIONS = {
     # name: (how to corrupt the step dir, what verify must say, found by sizes alone?)
+    # A data file's problem names what it holds: the arrays a restore reads from it, or
+    # that it is part of Orbax's per-process index, which a restore does not read (the
+    # largest file here may be either: the item's B+tree node or the process's copy).
     "truncated data file": (lambda s: os.truncate(data_file(s), data_file(s).stat().st_size // 2),
-                            r"state/(\S*/)?d/\w+: size \d+ bytes, manifest says \d+", True),
+                            r"state/(\S*/)?d/\w+: size \d+ bytes, manifest says \d+" + HOLDS, True),
     "flipped bytes in data file": (lambda s: flip(data_file(s)),
-                                   r"state/(\S*/)?d/\w+: checksum mismatch", False),
-    "deleted data file": (lambda s: data_file(s).unlink(), r"state/(\S*/)?d/\w+: missing", True),
+                                   r"state/(\S*/)?d/\w+: checksum mismatch \(crc32c 0x\w+, "
+                                   r"manifest says 0x\w+\)" + HOLDS, False),
+    "deleted data file": (lambda s: data_file(s).unlink(),
+                          r"state/(\S*/)?d/\w+: missing" + HOLDS, True),
     "flipped byte in Orbax metadata": (lambda s: flip(s / "_CHECKPOINT_METADATA", 5),
                                        r"_CHECKPOINT_METADATA: checksum mismatch", False),
     "garbage manifest": (lambda s: (s / "jaxckpt_manifest.json").write_text("{\"files\": [1,"),
@@ -239,6 +247,69 @@ def test_corrupt_latest_is_named_refused_and_skipped(ckpt, name):
         assert latest.step == 3 and latest.data_state == {"batch": 3}
         assert leaves_equal(latest.state, states[3])
     assert snapshot(d / "4") == before  # never modified, never deleted
+
+
+def small_data_files(step_dir):
+    return sorted(p for p in step_dir.glob("state/**/d/*")
+                  if p.is_file() and p.stat().st_size <= integrity.SMALL_FILE)
+
+
+def test_a_damaged_small_data_file_names_the_arrays_it_holds(ckpt):
+    """A small data file is checked by its checksum, and its name is a random id: the
+    report also names the arrays it holds, read from Orbax's OCDBT index. The item's own
+    index (state/d/: the B+tree a restore reads, the small arrays inline) holds them all."""
+    d, _ = ckpt
+    [index] = [p for p in small_data_files(d / "4") if p.parent == d / "4" / "state" / "d"]
+    flip(index)
+    with CheckpointManager(d, read_only=True) as m:
+        [problem] = m.verify(4)[4]
+    rel = index.relative_to(d / "4").as_posix()
+    assert problem.startswith(f"{rel}: checksum mismatch (crc32c 0x"), problem
+    assert re.search(r"\) \[holds arrays: state/\S+, .*state/params/dense/kernel, .* and \d+ "
+                     r"more\]$", problem), problem
+    os.truncate(index, 10)  # found by sizes alone, named the same way
+    with pytest.warns(UserWarning, match=r"checkpoint 4 .* is corrupt"), \
+            CheckpointManager(d, read_only=True) as m:
+        [problem] = m.verify(4)[4]
+    assert problem.startswith(f"{rel}: size 10 bytes, manifest says ")
+    assert "state/params/dense/kernel" in problem, problem
+
+
+def test_every_damaged_small_data_file_is_explained(ckpt):
+    """Each small data file either holds arrays a restore reads (named), or is part of a
+    process's own OCDBT index (Orbax's per-process writes, merged into the item's), which
+    a restore does not read."""
+    d, _ = ckpt
+    files = small_data_files(d / "4")
+    assert len(files) > 1
+    for path in files:
+        original = path.read_bytes()
+        flip(path)
+        with CheckpointManager(d, read_only=True) as m:
+            [problem] = m.verify(4)[4]
+        path.write_bytes(original)
+        rel = path.relative_to(d / "4").as_posix()
+        assert problem.startswith(f"{rel}: checksum mismatch"), problem
+        assert re.search(r"\[holds arrays?: state/|\[part of ocdbt\.process_0's own index",
+                         problem), problem
+
+
+def test_a_small_array_in_a_data_file_of_its_own_is_named(tmp_path):
+    """Arrays above OCDBT's inline limit (1 KiB) are stored in data files, small ones in
+    small files: a flipped byte in one is reported with the array it hits."""
+    state = {"params": {"a": np.arange(1000, dtype=np.float32),
+                        "b": np.arange(2000, dtype=np.float32) * 2}}
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1)) as m:
+        m.save(1, state)
+    head = state["params"]["a"].tobytes()[:64]
+    [data] = [p for p in small_data_files(tmp_path / "1") if head in p.read_bytes()]
+    raw = bytearray(data.read_bytes())
+    raw[raw.find(head) + 2000] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        [problem] = m.verify(1)[1]
+    assert re.search(r": checksum mismatch \(crc32c 0x\w+, manifest says 0x\w+\) \[holds "
+                     r"arrays?: (\S+, )?state/params/a\b", problem), problem
 
 
 def test_corrupt_best_is_never_best_and_never_deleted(ckpt):
