@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxckpt.target import path_str, per_sharding, saved_leaf
+from jaxckpt.target import is_prng_key, path_str, per_sharding, saved_leaf
 
 __all__ = ["of_tree", "resolve", "Check"]
 
@@ -89,7 +89,7 @@ def _local_cpu(sharding: jax.sharding.Sharding) -> bool:
 
 def _key_data(x: Any) -> Any:
     """A typed PRNG key's raw data (what is saved for it); any other leaf as it is."""
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if isinstance(x, jax.Array) and is_prng_key(x):
         return jax.random.key_data(x)
     return x
 

@@ -68,7 +68,19 @@ _INT64 = np.iinfo(np.int64)
 
 def is_prng_key(x: Any) -> bool:
     """A typed PRNG key (concrete or abstract); raw ``uint32`` keys are plain arrays."""
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        return _is_key_dtype(dtype)
+    except TypeError:  # an unhashable dtype attribute
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_key_dtype(dtype: Any) -> bool:
+    """Cached per dtype: ``issubdtype`` costs ~5 µs, asked of every leaf at every save."""
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def is_array_metadata(x: Any) -> bool:
@@ -120,7 +132,14 @@ def saved_leaf(x: Any) -> SavedLeaf:
         return SavedLeaf((), np.dtype(np.int64), scalar=True)
     if isinstance(x, float):
         return SavedLeaf((), np.dtype(np.float64), scalar=True)
-    return SavedLeaf(tuple(x.shape), np.dtype(x.dtype), scalar=isinstance(x, np.number))
+    return _saved_array(tuple(x.shape), x.dtype, isinstance(x, np.number))
+
+
+@functools.lru_cache(maxsize=4096)
+def _saved_array(shape: tuple[int, ...], dtype: Any, scalar: bool) -> SavedLeaf:
+    """Cached (a SavedLeaf is immutable): a model's leaves share a few shapes and dtypes,
+    and each is recorded at every save."""
+    return SavedLeaf(shape, np.dtype(dtype), scalar=scalar)
 
 
 def _kind(dtype: Any) -> str | None:
@@ -136,6 +155,19 @@ def _kind(dtype: Any) -> str | None:
 def path_str(path: Sequence[Any]) -> str:
     """``params/Dense_0/kernel``: a key path as the same text for the target and the
     saved tree (Orbax saves attributes, dict keys and indices all as names)."""
+    try:
+        return _cached_path_str(tuple(path))
+    except TypeError:  # a key that cannot be hashed
+        return _path_str(path)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_path_str(path: tuple[Any, ...]) -> str:
+    """Cached: the same leaves' paths are named at every save (~4 µs each)."""
+    return _path_str(path)
+
+
+def _path_str(path: Sequence[Any]) -> str:
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
