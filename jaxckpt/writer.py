@@ -63,8 +63,8 @@ class Writer:
         self.primary, self.timeout, self.warn_corrupt = primary, timeout, warn_corrupt
         self.last_save_time, self.start_time = last_save_time, start_time
         self._warned = False  # about saves without the monitored metric, once
-        self._tried: set[int] = set()  # steps handed to Orbax (on a store, a failed one
-        # leaves its unfinished objects at the step name)
+        self._tried: int | None = None  # the last step handed to Orbax (on a store, a
+        # failed save leaves its unfinished objects at the step name; steps only increase)
         self._drain_timeout = timeout  # for the background work: see write_deadline
         self.ocp = self._new_orbax()
         self.background = Background()
@@ -156,7 +156,7 @@ class Writer:
         # On a store, one lookup per save (Orbax itself makes one too): Orbax deletes what
         # is at the step name before writing. A step this run tried before holds its own
         # unfinished write, which Orbax may overwrite.
-        if not (remote and step in self._tried):
+        if not (remote and step == self._tried):
             self._check_step_free(step)
         previous = self.catalog.latest()
         records = list(self.catalog.records.values())
@@ -166,7 +166,7 @@ class Writer:
                                improved=improved,
                                ledger=self.ledger.segment(self._segment_start(previous), step))
         start = time.perf_counter()
-        self._tried.add(step)
+        self._tried = step
         try:
             orbax_io.save(self.ocp, step, state, meta, data_state,
                           {self.policy.monitor: value} if value is not None else None)
