@@ -28,7 +28,8 @@ RAW = {"step_s", "save_every_steps", "steps_per_s", "orbax_throughput_ratio", "s
        "first_save_peak_extra_rss_bytes", "first_save_peak_over_rest_bytes",
        "loop_peak_over_rest_bytes", "per_save_transient_rss_bytes", "save_cpu_s",
        "jaxckpt_own_s", "save_blocking_p50_minus_orbax_s", "lost_per_save_over_host_copy",
-       "idle_save_cpu_s", "orbax_save_cost_training_s"}
+       "idle_save_cpu_s", "orbax_save_cost_training_s", "throughput_over_orbax_per_round",
+       "throughput_over_orbax_pooled"}
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
@@ -188,5 +189,32 @@ def test_figures_are_quotients_of_medians():
     assert ratios["peak_ram_over_state"] == pytest.approx(0.5)
     assert raw["lost_per_save_over_host_copy"]["jaxckpt"] == pytest.approx(0.4 / 0.2)
     assert raw["save_blocking_p50_minus_orbax_s"] == pytest.approx(0.01)
+    assert raw["throughput_over_orbax_pooled"] == pytest.approx(1.3 / 1.5)
     check = next(c for c in report.VS_ORBAX if c.key == "lost_per_save_over_host_copy")
     assert not check.met({"ratios": ratios, "raw": raw})  # 2.0 against Orbax's 1.0
+
+
+def test_throughput_over_orbax_is_the_median_of_rounds_not_swayed_by_one_slow_period():
+    # Round 2's jaxckpt period was disturbed (4 s instead of 1): the pooled steps/s
+    # quotient falls to 0.55, the median of the rounds stays at jaxckpt's usual 1.1.
+    blocks = {"none": [_period(0.9)] * 3,
+              "jaxckpt": [_period(s, blocked=0.02) for s in (1.0, 4.0, 1.0)],
+              "orbax": [_period(1.1, blocked=0.02)] * 3}
+    assert figures.per_round_speedup(blocks, "jaxckpt", "orbax") == pytest.approx(
+        [1.1, 1.1 / 4.0, 1.1])
+    ratios, raw = figures.size_figures({
+        "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 3,
+        "model": {}, "platform": "cpu", "blocks": blocks,
+        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
+                  "peak_over_rest": 70, "loop_peak_over_rest": 20},
+        "extra_blocking": {"jaxckpt": [], "orbax": []}, "sync": [0.3],
+        "d2h": {"copy": [0.2], "device_get": [0.001]},
+        "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},
+                   "cpu_s": {"jaxckpt": [0.5], "orbax": [0.5]}, "disk_write_Bps": [100.0]},
+        "reads": {"restore_s": {"jaxckpt": [1.0], "orbax": [1.0]},
+                  "disk_read_Bps": [200.0], "exact": True, "warm_s": 0.1,
+                  "verify_cold_s": None, "verify_cold_bytes": None},
+        "bytes_on_disk": 100, "orbax": {}, "disk_method": ""})
+    assert ratios["throughput_over_orbax"] == pytest.approx(1.1)
+    assert raw["throughput_over_orbax_pooled"] == pytest.approx(3.3 / 6.0)
+    assert raw["throughput_over_orbax_per_round"] == pytest.approx([1.1, 0.275, 1.1])

@@ -1,7 +1,9 @@
 """From measurements to figures: pure arithmetic, no I/O, no JAX.
 
-Every ratio is a quotient of two medians measured in the same process and the same
-interleaved rounds; ``size_figures`` documents each one where it is computed.
+Every ratio is measured in the same process and the same interleaved rounds: a quotient
+of two medians, the median of per-round quotients (``throughput_over_orbax``), or, for
+``throughput_ratio``, steps/s over all periods of each kind. ``size_figures`` documents
+each one where it is computed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ KINDS = ("jaxckpt", "orbax")
 def steps_per_s(blocks: list[dict], every: int) -> float:
     """Steps per second over periods of ``every`` steps each."""
     return every * len(blocks) / sum(b["s"] for b in blocks)
+
+
+def per_round_speedup(blocks: dict[str, list[dict]], kind: str, over: str) -> list[float]:
+    """Steps/s of ``kind``'s period ÷ ``over``'s, round by round: the two periods of a
+    round run back to back (same steps, order rotated), so load from other processes
+    hits both alike."""
+    return [o["s"] / k["s"] for k, o in zip(blocks[kind], blocks[over])]
 
 
 def lost_per_save(blocks: dict[str, list[dict]], kind: str) -> float:
@@ -46,6 +55,7 @@ def size_figures(m: dict) -> tuple[dict, dict]:
     disk_write, disk_read = med(writes["disk_write_Bps"]), med(reads["disk_read_Bps"])
     transient = {k: [b["peak_rss"] - b["rss_before"] for b in blocks[k]] for k in KINDS}
     period_cpu = {k: med(b["cpu_s"] for b in v) for k, v in blocks.items()}
+    vs_orbax = per_round_speedup(blocks, "jaxckpt", "orbax")
 
     ratios = {
         # against the hardware and the loop without checkpoints
@@ -56,7 +66,9 @@ def size_figures(m: dict) -> tuple[dict, dict]:
         "restore_over_disk": (n / restore_s["jaxckpt"]) / disk_read,
         "peak_ram_over_state": m["first"]["peak_extra_rss"] / n,
         # against raw Orbax in the same rounds (issue 16's targets)
-        "throughput_over_orbax": sps["jaxckpt"] / sps["orbax"],
+        # The median of the rounds (issue 16's figure): one period disturbed by another
+        # tenant moved the pooled quotient below by more than the target's margin.
+        "throughput_over_orbax": med(vs_orbax),
         "save_cpu_over_orbax": idle_cpu["jaxckpt"] / idle_cpu["orbax"],
         "persist_over_orbax": persist_Bps["jaxckpt"] / persist_Bps["orbax"],
         "restore_over_orbax": restore_s["jaxckpt"] / restore_s["orbax"],
@@ -72,6 +84,10 @@ def size_figures(m: dict) -> tuple[dict, dict]:
         "steps_per_s": {"no_checkpoint": sps["none"], "jaxckpt_async": sps["jaxckpt"],
                         "orbax_async": sps["orbax"]},
         "orbax_throughput_ratio": sps["orbax"] / sps["none"],
+        "throughput_over_orbax_per_round": vs_orbax,
+        # steps/s over all jaxckpt periods ÷ over all Orbax periods (the figure of
+        # ``throughput_over_orbax`` until 2026-12-02)
+        "throughput_over_orbax_pooled": sps["jaxckpt"] / sps["orbax"],
         "throughput_ratio_per_round": [a["s"] / b["s"] for a, b in
                                        zip(blocks["none"], blocks["jaxckpt"])],
         "save_cost_training_s": lost["jaxckpt"],

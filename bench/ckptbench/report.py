@@ -138,6 +138,9 @@ RAW_ROWS = [
     ("throughput ratio per round", lambda w: " ".join(
         f"{v:.2f}" for v in w["throughput_ratio_per_round"])),
     ("raw Orbax throughput ratio", lambda w: f"{w['orbax_throughput_ratio']:.3f}"),
+    ("throughput over Orbax per round (pooled)", lambda w: " ".join(
+        f"{v:.2f}" for v in w["throughput_over_orbax_per_round"])
+        + f" ({w['throughput_over_orbax_pooled']:.3f})"),
     ("training time lost per save: jaxckpt / orbax", lambda w: (
         f"{ms(w['save_cost_training_s'])} / {ms(w['orbax_save_cost_training_s'])}")),
     ("lost per save / one host copy: jaxckpt / orbax", lambda w: _pair(
