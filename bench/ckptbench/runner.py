@@ -19,7 +19,7 @@ from ckptbench.cases import TUNING_VARIANTS, units
 
 # --quick takes 5 rounds and 8 extra blocking pairs: with 3 and 5, a figure's median moved
 # by more than its target's margin between runs on this shared 2-core machine.
-QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=5, blocking_reps=8,
+QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=7, blocking_reps=12,
              auto_size=32.0, tuning_size=64.0, leaves=1000)
 FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=6.0, rounds=3, blocking_reps=4,
             auto_size=128.0, tuning_size=256.0, leaves=4000)
