@@ -287,6 +287,26 @@ def test_a_committed_step_that_lost_one_small_file_is_set_aside_never_deleted(ck
 # -- losing jaxckpt.json loses neither the policy nor the best ------------------------------
 
 
+def test_the_history_rebuilt_from_the_checkpoints_is_the_one_recorded(tmp_path):
+    """Every field of every entry (epoch, time, written or not), from the segments the
+    checkpoints carry, including those of calls that wrote nothing and of checkpoints
+    deleted since."""
+    d = tmp_path / "c"
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1,
+                              every_n_steps=5)
+    with CheckpointManager(d, policy) as m:
+        for step in range(1, 13):
+            m.save(step, {"x": value(step)}, epoch=step // 4,
+                   metrics={"val_loss": 1.0 + step % 3 - step / 100, "acc": step / 10})
+        recorded = m.entries()
+        steps = m.steps()
+    assert len(recorded) == 12 and 0 < sum(e["saved"] for e in recorded) < 12
+    os.remove(d / fmt.HISTORY_FILE)
+    with CheckpointManager(d, read_only=True) as m:
+        assert m.steps() == steps
+        assert m.entries() == recorded
+
+
 def test_without_the_history_file_the_stored_policy_still_keeps_the_best(ckpt):
     os.remove(ckpt / fmt.HISTORY_FILE)
     with CheckpointManager(ckpt) as m:  # policy=None: the checkpoints remember it
