@@ -26,6 +26,7 @@ import pytest
 import jaxckpt
 from jaxckpt import CheckpointManager, CheckpointPolicy, cli
 from jaxckpt import format as fmt
+from jaxckpt import ledger as ledger_lib
 from jaxckpt import lock as lock_mod
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -305,6 +306,30 @@ def test_the_history_rebuilt_from_the_checkpoints_is_the_one_recorded(tmp_path):
     with CheckpointManager(d, read_only=True) as m:
         assert m.steps() == steps
         assert m.entries() == recorded
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 6, 7, 20])
+def test_a_history_snapshot_encoded_chunk_by_chunk_is_the_text_json_dumps_writes(n,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(ledger_lib, "_ENCODE_CHUNK", 3)  # chunk edges at every size above
+    ledger = ledger_lib.Ledger([ledger_lib.Entry(i, {"v": i / 3} if i % 2 else None,
+                                                 i // 4 if i % 3 else None, 1.5 + i,
+                                                 i % 5 == 0) for i in range(n)])
+    snap = ledger_lib.snapshot(ledger, policy={"monitor": "v"}, auto_every=None)
+    assert ledger_lib.encode(snap) == json.dumps(
+        {"format": fmt.HISTORY_FORMAT, "policy": {"monitor": "v"}, "auto_every": None,
+         "history": [e._asdict() for e in ledger.entries()]})
+
+
+def test_the_history_file_holds_every_entry_after_a_chunked_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_lib, "_ENCODE_CHUNK", 4)
+    with CheckpointManager(tmp_path / "c", POLICY) as m:
+        for step in range(1, 11):
+            m.save(step, {"x": value(step)}, metrics={"val_loss": 1 / step}, epoch=step // 3)
+        entries = [{k: v for k, v in e.items() if k != "kept"} for e in m.entries()]
+    data = json.loads((tmp_path / "c" / fmt.HISTORY_FILE).read_text())
+    assert fmt.validate_history(data) == []
+    assert data["history"] == entries and len(entries) == 10
 
 
 def test_without_the_history_file_the_stored_policy_still_keeps_the_best(ckpt):
