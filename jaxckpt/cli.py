@@ -344,9 +344,23 @@ def _print_rich(title, headers, cells, right, rows) -> None:
     Console().print(table)
 
 
+def _verified_best(mngr) -> int | None:
+    """The best step that passes a full verification, as ``restore("best")`` would read
+    it: a damaged best is set aside (with a warning) and the next best checked."""
+    checked: set[int] = set()
+    while (step := mngr.best_step()) is not None and step not in checked:
+        checked.add(step)
+        problems = mngr.verify(step)[step]  # a damaged step is set aside: best_step() moves on
+        if problems:
+            warnings.warn(f"checkpoint {step} in {mngr.directory} is corrupt: "
+                          f"{'; '.join(problems)}: set aside, never restored; the best "
+                          "checkpoint that verifies is named instead.")
+    return step
+
+
 def cmd_best(args) -> int:
     with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
-        step = mngr.best_step()
+        step = _verified_best(mngr)
         if step is None:
             from jaxckpt.errors import CheckpointNotFoundError
             try:  # its message names why, and which metric to monitor

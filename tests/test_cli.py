@@ -163,6 +163,22 @@ def test_best(tutorial, capsys):
     assert out[-1].split() == ["in", str(tutorial / "45")]
 
 
+def test_best_never_names_a_checkpoint_that_fails_verification(tutorial, tmp_path, capsys):
+    """One flipped bit, file size unchanged: ``best`` checks the step it names, as
+    ``restore("best")`` does, and names the next best."""
+    d = shutil.copytree(tutorial, tmp_path / "ckpt")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(d / "45" / "state" / "d") for f in fs]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    assert main(["best", str(d), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 50
+    assert "checkpoint 45 in" in captured.err and "corrupt" in captured.err
+    assert step_dirs(d) == [45, 50]  # set aside, not deleted: a read-only open moves nothing
+
+
 # -- verify -----------------------------------------------------------------------------
 
 
