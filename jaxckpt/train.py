@@ -65,7 +65,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 0/1 accuracy of integer labels."""
+    """Per-example 0/1 accuracy of integer labels, or of one-hot (or soft) labels shaped
+    like the logits, whose largest entry is the class."""
+    if labels.ndim == logits.ndim:
+        labels = jnp.argmax(labels, axis=-1)
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
@@ -125,6 +128,7 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.per_example_loss = loss_fn or optax.softmax_cross_entropy_with_integer_labels
+        self._integer_labels = loss_fn is None  # the default loss takes class ids
         self.metric_fns = _metric_fns(metrics)
         self.mode = mode
         self.fsdp = fsdp
@@ -357,8 +361,10 @@ class Trainer:
             example = train_ds[0]
             if self.step_fn is None:
                 data_lib.check_keys(example, *keys)
+                self._check_labels(example)
             if val_ds is not None:
                 data_lib.check_keys(val_ds[0], *keys)
+                self._check_labels(val_ds[0])
             nproc, pid = jax.process_count(), jax.process_index()
             if batch_size % nproc:
                 raise ValueError(f"batch_size {batch_size} must split evenly over {nproc} "
@@ -661,6 +667,7 @@ class Trainer:
         """
         ds = data_lib.as_dataset(data, self.input_key, self.label_key)
         data_lib.check_keys(ds[0], self.input_key, self.label_key)
+        self._check_labels(ds[0])
         state = self._given_state(state)
         placement = self._placement()
         step = self._compiled_step("eval", placement, _abstract(state))
@@ -717,8 +724,32 @@ class Trainer:
 
     # -- rollback, best weights --------------------------------------------------------------
 
+    def _check_labels(self, example: Mapping[str, Any]) -> None:
+        """The default loss takes one integer class id per example: say so before anything
+        is compiled, rather than let optax fail on a float or one-hot label inside it."""
+        if not self._integer_labels:
+            return
+        label = np.asarray(example[self.label_key])
+        if label.dtype.kind in "iu" and label.ndim == 0:
+            return
+        fix = ("for one-hot or soft labels pass Trainer(loss_fn=optax.softmax_cross_entropy)"
+               if label.dtype.kind == "f" and label.ndim == 1 else
+               "for one class id per example pass y.reshape(-1)" if label.size == 1 else
+               "or pass a loss_fn that takes these labels")
+        raise TypeError(
+            f"labels ({self.label_key!r}) are {label.dtype} of shape {label.shape} per "
+            "example, but the default loss (optax.softmax_cross_entropy_with_integer_labels) "
+            "takes one integer class id per example: cast class ids to int32, "
+            f"{fix}.")
+
     def _nonfinite(self, run: "_Run", position: int):
         loop, manager = run.loop, run.manager
+        if self.on_nonfinite == "raise" and position == 0:
+            raise NonFiniteLossError(
+                "training loss is not finite at step 0, the first, before any update: the "
+                "data or the loss is at fault, not the learning rate. Look for NaN or inf "
+                "in the inputs, and check that every label is a class id in [0, number of "
+                "classes): the default loss is NaN for a label out of range.")
         if self.on_nonfinite == "raise":
             raise NonFiniteLossError(
                 f"training loss is not finite at step {position} (epoch "

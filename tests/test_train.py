@@ -377,6 +377,32 @@ def test_missing_keys_name_the_keys_and_the_fix():
         quiet_trainer().fit((x, y[:10]), epochs=1, batch_size=64)
 
 
+def test_labels_the_default_loss_cannot_take_fail_before_training_naming_the_fix():
+    x, y = xy(128)
+    train, reads = counted(x, np.eye(10, dtype=np.float32)[y])  # one-hot
+    with pytest.raises(TypeError, match=r"float32 of shape \(10,\).*"
+                                        r"loss_fn=optax\.softmax_cross_entropy\)"):
+        quiet_trainer().fit(train, epochs=1, batch_size=64)
+    assert reads == [0]  # the first example only: nothing was trained
+    with pytest.raises(TypeError, match=r"int32 of shape \(1,\).*y\.reshape\(-1\)"):
+        quiet_trainer().fit((x, y[:, None]), epochs=1, batch_size=64)
+    with pytest.raises(TypeError, match="cast class ids to int32"):
+        quiet_trainer().evaluate((x, y.astype(np.float32)))
+    # a loss of the user's own takes whatever labels it takes
+    one_hot = quiet_trainer(loss_fn=optax.softmax_cross_entropy)
+    h = one_hot.fit((x, np.eye(10, dtype=np.float32)[y]), epochs=1, batch_size=64)
+    h_ids = quiet_trainer().fit((x, y), epochs=1, batch_size=64)  # the same problem
+    assert h.rows[0]["loss"] == pytest.approx(h_ids.rows[0]["loss"], rel=1e-4)
+    assert h.rows[0]["accuracy"] == pytest.approx(h_ids.rows[0]["accuracy"])
+
+
+def test_a_loss_not_finite_before_any_update_blames_the_data_not_the_learning_rate():
+    x, y = xy(128)
+    with pytest.raises(jaxckpt.NonFiniteLossError,
+                       match=r"step 0, the first, before any update.*class id in \[0, "):
+        quiet_trainer().fit((x, np.full_like(y, 10)), epochs=1, batch_size=64)  # 10 classes
+
+
 def counted(x, y):
     """(x, y) as a dataset that counts the examples read (none may be read for training)."""
     reads = []
