@@ -389,10 +389,10 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
     """The state of the checkpoint in ``step_dir``, whoever wrote it, into ``target``.
 
     The state is item ``state`` (jaxckpt), ``default`` (a plain Orbax manager) or the
-    step directory itself (a bare Orbax checkpointer's save). A plain Orbax
-    Composite save with neither is the dict of its PyTree items (``{"params": ...,
-    "opt_state": ...}``), restored with a dict target of those keys; ``subtree``'s first
-    key then names an item.
+    step directory itself (a bare Orbax checkpointer's save). A plain Orbax Composite
+    save of other PyTree items, or of more than one, is the dict of its PyTree items
+    (``{"params": ..., "opt_state": ...}``), restored with a dict target of those keys;
+    ``subtree``'s first key then names an item.
 
     ``fingerprints`` (a version-2 manifest's) are compared with the arrays just read;
     ``saved`` (its leaves' shapes and dtypes) checks ``target`` without reading Orbax's
@@ -408,7 +408,10 @@ def restore_state(step_dir: epath.Path, target: Any, *, step: int,
     if is_bare_pytree(step_dir):
         return _restore_into(step_dir, target, step, subtree)
     items = pytree_items(step_dir)
-    main = next((n for n in (fmt.STATE, ORBAX_DEFAULT_ITEM) if n in items), None)
+    # The state is the item itself only when it is the only PyTree item: a plain Orbax
+    # Composite(state=..., opt_state=...) is the dict of its items (taking "state" alone
+    # lost every other item, silently).
+    main = items[0] if items in ([fmt.STATE], [ORBAX_DEFAULT_ITEM]) else None
     if main is not None:
         ours = main == fmt.STATE
         return _restore_into(step_dir / main, target, step, subtree,

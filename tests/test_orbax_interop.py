@@ -164,6 +164,26 @@ def test_a_composite_save_restores_into_a_dict_target_and_names_its_items(tmp_pa
         assert_same(params, state_at(20)["params"])
 
 
+@pytest.mark.parametrize("name", ["state", "default"])
+def test_a_composite_item_named_state_beside_others_is_one_item_of_the_dict(tmp_path, name):
+    """``Composite(state=..., opt_state=...)``: the state is the dict of both items, not
+    the one named like jaxckpt's (or Orbax's default) item with the other one lost."""
+    directory = tmp_path / "orbax"
+    with ocp.CheckpointManager(directory) as mngr:
+        mngr.save(1, args=ocp.args.Composite(**{
+            name: ocp.args.StandardSave({"w": np.ones(4, np.float32)}),
+            "opt_state": ocp.args.StandardSave({"mu": np.full(4, 7, np.float32)})}))
+    with CheckpointManager(directory, read_only=True) as mngr:
+        restored = mngr.restore(1)
+        assert sorted(restored) == sorted(["opt_state", name])
+        np.testing.assert_array_equal(restored["opt_state"]["mu"], np.full(4, 7, np.float32))
+        np.testing.assert_array_equal(mngr.restore(1, subtree="opt_state")["mu"],
+                                      np.full(4, 7, np.float32))
+        items = re.escape(str(sorted(["opt_state", name])))
+        with pytest.raises(jaxckpt.RestoreStructureError, match=items):
+            mngr.restore(1, target={name: {"w": np.zeros(4, np.float32)}})
+
+
 def test_a_refused_writing_open_changes_nothing(tmp_path):
     directory = tmp_path / "orbax"
     write_orbax(directory, "standard", True)
