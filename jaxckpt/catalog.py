@@ -395,6 +395,21 @@ def _writer_of(step_dir: epath.Path) -> integrity.Writer:
         return "unknown"  # a file or a dangling link named like a step: nobody's checkpoint
 
 
+def _refuse_directories_named_like_own_files(directory: epath.Path, names) -> None:
+    """A directory where a writer keeps its lock or history file (a person's mkdir, a sync
+    tool): every save would fail on it in the background; say so before anything."""
+    if storage.is_remote(directory):
+        return  # a store has no directories, only names
+    for name in (fmt.LOCK_FILE, fmt.HISTORY_FILE):
+        path = os.path.join(directory, name)
+        if name in names and os.path.isdir(path) and not os.path.islink(path):
+            raise CheckpointDirectoryError(
+                f"{path} is a directory, where jaxckpt keeps its "
+                f"{'lock' if name == fmt.LOCK_FILE else 'history'} file; jaxckpt never "
+                "removes what it did not write: move it away or delete it, then open the "
+                "directory again (read_only=True reads it as it is). Nothing was changed.")
+
+
 def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,
                    timeout: float | None = storage.DEFAULT_TIMEOUT_S) -> None:
     """Refuse to write into a directory that holds checkpoints plain Orbax wrote, unless
@@ -409,6 +424,7 @@ def check_writable(directory: epath.Path, *, adopt: bool, policy_given: bool,
         names = storage.list_names(directory, timeout=timeout)
     except NotADirectoryError:
         return  # a file: storage.check_directory names the problem
+    _refuse_directories_named_like_own_files(directory, names)
     by_writer = writers(directory, names)
     foreign = sorted(s for s, w in by_writer.items() if w == "orbax")
     if not foreign:

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -138,6 +139,23 @@ def test_orbax_metadata_of_the_wrong_shape_sets_aside_that_step_only(ckpt):
         m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
         assert m.steps() == [2, 3, 5]
     assert len(os.listdir(ckpt / fmt.CORRUPT_DIR)) == 1  # set aside, never deleted
+
+
+@pytest.mark.parametrize("name", [fmt.LOCK_FILE, fmt.HISTORY_FILE])
+def test_a_directory_named_like_the_lock_or_history_file_is_refused_before_anything(
+        ckpt, name):
+    if (ckpt / name).exists():
+        os.remove(ckpt / name)
+    os.mkdir(ckpt / name)
+    before = listing(ckpt)
+    with pytest.raises(jaxckpt.CheckpointDirectoryError,
+                       match=rf"{name} is a directory.*move it away or delete it"):
+        CheckpointManager(ckpt, POLICY)
+    assert listing(ckpt) == before and (ckpt / name).is_dir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unreadable history file: rebuilt, with a warning
+        with CheckpointManager(ckpt, read_only=True) as m:
+            assert m.steps() == [2, 3, 4]
 
 
 def test_a_lock_file_of_garbage_bytes_is_taken_over(ckpt):
