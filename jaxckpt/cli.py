@@ -501,7 +501,17 @@ def cmd_prune(args) -> int:
 
     # A real prune holds the directory as its writer (a live run's lock makes it fail);
     # a dry run only reads.
-    with _open(args.directory, read_only=args.dry_run) as mngr:
+    from jaxckpt.errors import CheckpointDirectoryError
+    try:
+        mngr = _open(args.directory, read_only=args.dry_run)
+    except CheckpointDirectoryError as e:
+        if "plain Orbax" not in str(e):
+            raise
+        raise CliError(f"{e} jaxckpt prune never adopts checkpoints it did not write; "
+                       "--dry-run shows what a policy would keep. To let jaxckpt keep or "
+                       "delete them, open the directory once from Python with "
+                       "jaxckpt.CheckpointManager(DIR, policy=..., adopt=True).") from None
+    with mngr:
         # Checksums first: a corrupt copy must never be kept in place of a good one.
         corrupt = _corrupt(_verdicts(mngr))
         stored = mngr.policy

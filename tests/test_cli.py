@@ -372,6 +372,22 @@ def test_not_a_checkpoint_dir_suggests_the_nested_one(tutorial, tmp_path, capsys
         f"did you mean {tmp_path / 'checkpoints'}?")
 
 
+def test_prune_of_a_directory_plain_orbax_wrote_names_the_fix_a_cli_user_can_apply(
+        tmp_path, capsys):
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "orbax") as m:
+        for step in (1, 2, 3):
+            m.save(step, args=ocp.args.StandardSave({"w": np.full(4, step, np.float32)}))
+    before = snapshot(tmp_path / "orbax")
+    assert main(["prune", str(tmp_path / "orbax"), "--keep-latest", "1"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "written by plain Orbax" in line and "adopt=True" in line
+    assert "never adopts" in line and "--dry-run" in line
+    assert snapshot(tmp_path / "orbax") == before
+
+
 def test_read_only_commands_change_nothing(tutorial, tmp_path, capsys):
     before = snapshot(tutorial)
     for argv in (["ls"], ["ls", "--json"], ["best"], ["best", "--json"], ["verify"],
