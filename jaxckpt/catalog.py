@@ -293,7 +293,9 @@ class Catalog:
         if step is None:
             if self.corrupt:
                 raise CheckpointCorruptError(self._allcorrupt_message())
+            theirs = other_naming(self.directory, timeout=self.timeout)
             raise CheckpointNotFoundError(
+                other_naming_message(self.directory, theirs) if theirs else
                 f"no checkpoints in {self.directory}: nothing has been saved there yet.")
         return step
 

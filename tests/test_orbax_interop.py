@@ -242,6 +242,10 @@ def test_orbax_checkpoints_under_another_step_naming_refuse_a_writable_open(tmp_
                                          f"checkpoints named {', '.join(names)}"):
         with CheckpointManager(directory, read_only=True) as m:
             assert m.steps() == []
+            with pytest.raises(jaxckpt.CheckpointNotFoundError,
+                               match=f"Orbax checkpoints named {names[0]}.*step_prefix=") as e:
+                m.restore("latest")
+            assert "nothing has been saved" not in str(e.value)
     out = subprocess.run([sys.executable, "-m", "jaxckpt", "ls", str(directory)],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode != 0 and f"Orbax checkpoints named {names[0]}" in out.stderr, out
