@@ -398,6 +398,10 @@ def as_dataset(data: Any, input_key: str = "image", label_key: str = "label",
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             hasattr(a, "shape") or isinstance(a, (list, tuple)) for a in data):
         return grain.MapDataset.source(ArraySource({input_key: data[0], label_key: data[1]}))
+    if isinstance(data, tuple) and data and all(hasattr(a, "shape") for a in data):
+        raise TypeError(
+            f"got a tuple of {len(data)} arrays; pass (x, y): inputs and labels, one example "
+            "per row (or a dict of equal-length arrays, for more than two).")
     if isinstance(data, Mapping):
         return grain.MapDataset.source(ArraySource(data))
     if hasattr(data, "shape") and hasattr(data, "dtype"):
@@ -421,6 +425,10 @@ def check_keys(example: Any, *keys: str) -> None:
         raise TypeError(f"examples must be dicts of arrays, got {type(example).__name__}; "
                         "pass (x, y) arrays, a dict of arrays, or map your dataset to dicts.")
     missing = [k for k in keys if k not in example]
+    if len(keys) == 2 and missing == [keys[1]] and list(example) == [keys[0]]:
+        raise ValueError(
+            f"the data holds inputs only ({keys[0]!r}), no labels ({keys[1]!r}): pass (x, y) "
+            "arrays to fit and evaluate (predict takes x alone), or a dict with both.")
     if missing:
         raise ValueError(
             f"batch has keys {sorted(example)} but the Trainer reads "

@@ -375,6 +375,11 @@ def test_missing_keys_name_the_keys_and_the_fix():
         quiet_trainer().fit({"x": x, "y": y}, epochs=1, batch_size=64)
     with pytest.raises(ValueError, match="share their first"):
         quiet_trainer().fit((x, y[:10]), epochs=1, batch_size=64)
+    with pytest.raises(ValueError, match=r"inputs only \('image'\), no labels \('label'\): "
+                                         r"pass \(x, y\)"):
+        quiet_trainer().fit(x, epochs=1, batch_size=64)
+    with pytest.raises(TypeError, match=r"a tuple of 3 arrays; pass \(x, y\)"):
+        quiet_trainer().fit((x, y, np.ones(len(y))), epochs=1, batch_size=64)
 
 
 def test_labels_the_default_loss_cannot_take_fail_before_training_naming_the_fix():
