@@ -732,15 +732,15 @@ class Trainer:
         label = np.asarray(example[self.label_key])
         if label.dtype.kind in "iu" and label.ndim == 0:
             return
-        fix = ("for one-hot or soft labels pass Trainer(loss_fn=optax.softmax_cross_entropy)"
+        fix = ("" if label.ndim == 0 else
+               "; for one-hot or soft labels pass Trainer(loss_fn=optax.softmax_cross_entropy)"
                if label.dtype.kind == "f" and label.ndim == 1 else
-               "for one class id per example pass y.reshape(-1)" if label.size == 1 else
-               "or pass a loss_fn that takes these labels")
+               "; for one class id per example pass y.reshape(-1)" if label.size == 1 else
+               "; or pass a loss_fn that takes these labels")
         raise TypeError(
             f"labels ({self.label_key!r}) are {label.dtype} of shape {label.shape} per "
             "example, but the default loss (optax.softmax_cross_entropy_with_integer_labels) "
-            "takes one integer class id per example: cast class ids to int32, "
-            f"{fix}.")
+            f"takes one integer class id per example: cast class ids to int32{fix}.")
 
     def _nonfinite(self, run: "_Run", position: int):
         loop, manager = run.loop, run.manager
