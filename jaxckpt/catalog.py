@@ -293,7 +293,10 @@ class Catalog:
         if step is None:
             if self.corrupt:
                 raise CheckpointCorruptError(self._allcorrupt_message())
-            theirs = other_naming(self.directory, timeout=self.timeout)
+            try:
+                theirs = other_naming(self.directory, timeout=self.timeout)
+            except OSError:  # the directory went away: nothing to name
+                theirs = []
             raise CheckpointNotFoundError(
                 other_naming_message(self.directory, theirs) if theirs else
                 f"no checkpoints in {self.directory}: nothing has been saved there yet.")
