@@ -402,15 +402,15 @@ def _writer_of(step_dir: epath.Path) -> integrity.Writer:
 
 def _refuse_directories_named_like_own_files(directory: epath.Path, names) -> None:
     """A directory where a writer keeps its lock or history file (a person's mkdir, a sync
-    tool): every save would fail on it in the background; say so before anything."""
+    tool): the lock would fail the open, the history every save in the background; say
+    so before anything."""
     if storage.is_remote(directory):
         return  # a store has no directories, only names
-    for name in (fmt.LOCK_FILE, fmt.HISTORY_FILE):
+    for name, what in ((fmt.LOCK_FILE, "lock"), (fmt.HISTORY_FILE, "history")):
         path = os.path.join(directory, name)
         if name in names and os.path.isdir(path) and not os.path.islink(path):
             raise CheckpointDirectoryError(
-                f"{path} is a directory, where jaxckpt keeps its "
-                f"{'lock' if name == fmt.LOCK_FILE else 'history'} file; jaxckpt never "
+                f"{path} is a directory, where jaxckpt keeps its {what} file; jaxckpt never "
                 "removes what it did not write: move it away or delete it, then open the "
                 "directory again (read_only=True reads it as it is). Nothing was changed.")
 

@@ -41,7 +41,7 @@ from typing import Any
 from etils import epath
 
 from jaxckpt import storage
-from jaxckpt.errors import CheckpointDirectoryError, DirectoryLockedError
+from jaxckpt.errors import DirectoryLockedError
 
 __all__ = ["DirectoryLock", "LOCK_FILE", "HEARTBEAT_S", "STALE_AFTER_S"]
 
@@ -238,11 +238,6 @@ class DirectoryLock:
             text = self._io(self.path.read_text, "reading")
         except FileNotFoundError:
             return None
-        except IsADirectoryError:
-            raise CheckpointDirectoryError(
-                f"{self.path} is a directory, not jaxckpt's lock file, and jaxckpt never "
-                "removes what it did not write: move it away or delete it, then open the "
-                "directory again. Nothing was changed.") from None
         except UnicodeDecodeError:  # garbage bytes: a damaged lock, judged stale below
             return {}
         try:

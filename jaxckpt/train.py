@@ -128,7 +128,6 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.per_example_loss = loss_fn or optax.softmax_cross_entropy_with_integer_labels
-        self._integer_labels = loss_fn is None  # the default loss takes class ids
         self.metric_fns = _metric_fns(metrics)
         self.mode = mode
         self.fsdp = fsdp
@@ -727,7 +726,7 @@ class Trainer:
     def _check_labels(self, example: Mapping[str, Any]) -> None:
         """The default loss takes one integer class id per example: say so before anything
         is compiled, rather than let optax fail on a float or one-hot label inside it."""
-        if not self._integer_labels:
+        if self.per_example_loss is not optax.softmax_cross_entropy_with_integer_labels:
             return
         label = np.asarray(example[self.label_key])
         if label.dtype.kind in "iu" and label.ndim == 0:
