@@ -5,6 +5,9 @@ The calling thread decides (what to write, what the write replaces) and hands th
 one FIFO background thread: wait for Orbax's commit, write the manifest with the array
 fingerprints taken at save time, delete the replaced steps, write ledger snapshots. A
 failure there is raised at the next call, after the catalog has been re-read from disk.
+A single-process CPU state is handed over whole, Orbax's save call included (its buffers
+pinned meanwhile: :func:`jaxckpt.target.pinned_on_host`); any other state goes to Orbax
+on the calling thread, which collectives and device-to-host copies need.
 """
 
 from __future__ import annotations
@@ -167,14 +170,20 @@ class Writer:
                                ledger=self.ledger.segment(self._segment_start(previous), step))
         start = time.perf_counter()
         self._tried = step
-        try:
-            orbax_io.save(self.ocp, step, state, meta, data_state,
-                          {self.policy.monitor: value} if value is not None else None)
-        except Exception as e:
-            self.ledger.mark_unsaved([step])
-            self.reset_orbax(e)
-            raise write_error(f"saving step {step} to {self.directory}", e,
-                               self.catalog.steps()) from e
+        orbax_args = (step, state, meta, data_state,
+                      {self.policy.monitor: value} if value is not None else None)
+        pinned = target_lib.pinned_on_host(state) if self.async_save else None
+        if pinned is None:
+            try:
+                orbax_io.save(self.ocp, *orbax_args)
+            except Exception as e:
+                self.ledger.mark_unsaved([step])
+                self.reset_orbax(e)
+                raise write_error(f"saving step {step} to {self.directory}", e,
+                                  self.catalog.steps()) from e
+            handoff = None
+        else:  # a CPU state, its buffers pinned: Orbax's save runs on the background thread
+            handoff = (orbax_args, pinned)
         blocked = time.perf_counter() - start
         self.catalog.add(step, Record(step, value, time=now, has_metrics=metrics is not None,
                                        improved=improved))
@@ -185,7 +194,8 @@ class Writer:
             self.catalog.forget(s)
         log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
                   sorted(kept), stale)
-        self.background.submit(self._noted(self._commit), step, stale, start, blocked, started)
+        self.background.submit(self._noted(self._commit), step, stale, start, blocked, started,
+                               handoff)
         self._drain_timeout = write_deadline(self.timeout, started)
         self.maybe_flush_ledger()
         if not self.async_save:
@@ -216,15 +226,22 @@ class Writer:
         return None if persisted is None else min(previous, persisted)
 
     def _commit(self, step: int, stale: list[int], start: float, blocked: float,
-                started: dict) -> None:
+                started: dict, handoff: tuple | None) -> None:
         """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
         what it replaced (never before: an older checkpoint outlives a failed newer one).
+
+        With ``handoff`` (a CPU state whose buffers it pins; see
+        :func:`jaxckpt.target.pinned_on_host`), Orbax's save is called here first. A
+        failure there is reported at the next call, as a failed write is.
 
         The fingerprints are finished while Orbax still writes (both only read the state):
         the CRCs of host arrays then take none of the time from ``save()`` to the manifest.
         """
         step_dir = self.directory / str(step)
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
+        if handoff is not None:
+            orbax_args, _pinned = handoff  # the views live as long as this task
+            orbax_io.save(self.ocp, *orbax_args)
         arrays = fingerprint.resolve(started) if self.primary else None
         self.ocp.wait_until_finished()  # no deadline of its own: finish_pending has it
         self.ocp.check_for_errors()

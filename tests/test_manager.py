@@ -224,6 +224,60 @@ def test_fingerprints_are_of_the_saved_bytes_while_the_caller_overwrites_them(tm
         assert leaves_equal(m.restore(1), {k: v - 3.0 for k, v in expected.items()})
 
 
+def test_a_cpu_state_goes_to_orbax_after_save_returns_with_the_values_of_the_call(
+        tmp_path, monkeypatch):
+    """On CPU, save() pins the state's buffers and Orbax's save runs on the background
+    thread. Held back there until the loop has donated and overwritten the saved buffers
+    three times, it still writes (and fingerprints) the values of the save() call."""
+    import threading
+
+    from jaxckpt import orbax_io
+
+    gate, threads = threading.Event(), []
+    real_save = orbax_io.save
+
+    def held(*args):
+        threads.append(threading.current_thread() is threading.main_thread())
+        if threads[-1]:
+            raise AssertionError("Orbax's save ran on the calling thread")
+        assert gate.wait(60)
+        return real_save(*args)
+    monkeypatch.setattr(orbax_io, "save", held)
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1.0, s), donate_argnums=0)
+    state = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.ones(3), "n": 7}
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
+        expected = jax.device_get(state)
+        assert m.save(1, state, metrics={"loss": 1.0})
+        for _ in range(3):
+            state = bump(state)
+        jax.block_until_ready(state)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("1")]  # not begun
+        gate.set()
+        m.wait()
+        assert threads == [False]
+        assert m.verify() == {1: []}
+        assert leaves_equal(m.restore(1), expected)
+        assert m.history() == [{"step": 1, "metrics": {"loss": 1.0}}]
+
+
+def test_views_pin_cpu_buffers_against_donation_and_only_whole_cpu_arrays_are_pinned():
+    """What the background handoff relies on: while a view of a CPU buffer exists, a
+    donating step copies the array instead of reusing its buffer. A sharded array (or
+    one on an accelerator) is not pinned: its save hands it to Orbax on the caller."""
+    from jaxckpt import target as target_lib
+
+    x = jnp.arange(1024.0)
+    views = target_lib.pinned_on_host({"x": x, "n": 3, "y": np.ones(2)})
+    assert len(views) == 1
+    out = jax.jit(lambda a: a * 0.0 - 1.0, donate_argnums=0)(x)
+    assert np.all(np.asarray(out) == -1.0)
+    assert not x.is_deleted() and np.array_equal(np.asarray(x), np.arange(1024.0))
+    assert np.array_equal(views[0], np.arange(1024.0))
+    mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+    sharded = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("d")))
+    assert target_lib.pinned_on_host({"x": jnp.ones(2), "s": sharded}) is None
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 
