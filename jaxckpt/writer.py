@@ -240,6 +240,8 @@ class Writer:
         step_dir = self.directory / str(step)
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
         if handoff is not None:
+            if self._abandoned.is_set():  # close() gave up on the queue: write nothing more
+                return
             orbax_args, _pinned = handoff  # the views live as long as this task
             orbax_io.save(self.ocp, *orbax_args)
         arrays = fingerprint.resolve(started) if self.primary else None
