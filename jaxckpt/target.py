@@ -285,21 +285,41 @@ def to_saveable(tree: Any, *, snapshot: bool = False) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-def pinned_on_host(tree: Any) -> list[np.ndarray] | None:
-    """Views of the buffers of every ``jax.Array`` leaf of ``tree`` when each one lives
+@dataclasses.dataclass(frozen=True)
+class Pinned:
+    """A single-process CPU state whose array buffers are pinned by host views (see
+    :func:`pinned_on_host`)."""
+
+    tree: Any
+    views: list[np.ndarray]
+    shardings: list[jax.sharding.Sharding]
+
+    def arrays(self) -> Any:
+        """``tree`` with each ``jax.Array`` replaced by a new one over the same pinned
+        buffer (no copy): what Orbax is given, so that the caller's arrays, donated or
+        deleted since, are never touched by the write."""
+        if not self.views:
+            return self.tree
+        placed = iter(jax.device_put(self.views, self.shardings, may_alias=True))
+        return jax.tree.map(lambda x: next(placed) if isinstance(x, jax.Array) else x,
+                            self.tree)
+
+
+def pinned_on_host(tree: Any) -> Pinned | None:
+    """``tree`` with views of the buffers of its ``jax.Array`` leaves, when each one lives
     whole on one CPU device of a single-process run; else None.
 
-    While a view of a buffer exists, XLA does not donate that buffer: a jitted step that
-    donates the array copies it instead, and the array stays readable. Holding the views,
-    an async save of a CPU state hands the arrays to Orbax on the background thread, and
-    ``save()`` returns without Orbax's ~10-30 ms of preparing a write (thread starts,
-    per-array bookkeeping). On an accelerator a view would be a copy, and in a
+    While a view of a buffer exists, XLA does not donate that buffer (a jitted step that
+    donates the array copies it instead) and ``Array.delete()`` does not free it. Holding
+    the views, an async save of a CPU state hands the arrays to Orbax on the background
+    thread, and ``save()`` returns without Orbax's ~10-30 ms of preparing a write (thread
+    starts, per-array bookkeeping). On an accelerator a view would be a copy, and in a
     multi-process run every process enters Orbax's save together: there the arrays go to
     Orbax before ``save()`` returns.
     """
     if jax.process_count() != 1:
         return None
-    views = []
+    views, shardings = [], []
     for x in jax.tree.leaves(tree):
         if not isinstance(x, jax.Array):
             continue
@@ -309,7 +329,8 @@ def pinned_on_host(tree: Any) -> list[np.ndarray] | None:
         if view.__array_interface__["data"][0] != x.unsafe_buffer_pointer():
             return None  # a copy (an unusual layout): it would not hold the buffer
         views.append(view)
-    return views
+        shardings.append(x.sharding)
+    return Pinned(tree, views, shardings)
 
 
 @per_sharding

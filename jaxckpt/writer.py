@@ -170,12 +170,11 @@ class Writer:
                                ledger=self.ledger.segment(self._segment_start(previous), step))
         start = time.perf_counter()
         self._tried = step
-        orbax_args = (step, state, meta, data_state,
-                      {self.policy.monitor: value} if value is not None else None)
+        items = (meta, data_state, {self.policy.monitor: value} if value is not None else None)
         pinned = target_lib.pinned_on_host(state) if self.async_save else None
         if pinned is None:
             try:
-                orbax_io.save(self.ocp, *orbax_args)
+                orbax_io.save(self.ocp, step, state, *items)
             except Exception as e:
                 self.ledger.mark_unsaved([step])
                 self.reset_orbax(e)
@@ -183,7 +182,7 @@ class Writer:
                                   self.catalog.steps()) from e
             handoff = None
         else:  # a CPU state, its buffers pinned: Orbax's save runs on the background thread
-            handoff = (orbax_args, pinned)
+            handoff = (pinned, items)
         blocked = time.perf_counter() - start
         self.catalog.add(step, Record(step, value, time=now, has_metrics=metrics is not None,
                                        improved=improved))
@@ -242,8 +241,8 @@ class Writer:
         if handoff is not None:
             if self._abandoned.is_set():  # close() gave up on the queue: write nothing more
                 return
-            orbax_args, _pinned = handoff  # the views live as long as this task
-            orbax_io.save(self.ocp, *orbax_args)
+            pinned, items = handoff  # its views live as long as this task
+            orbax_io.save(self.ocp, step, pinned.arrays(), *items)
         arrays = fingerprint.resolve(started) if self.primary else None
         self.ocp.wait_until_finished()  # no deadline of its own: finish_pending has it
         self.ocp.check_for_errors()

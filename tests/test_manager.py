@@ -254,25 +254,36 @@ def test_a_cpu_state_goes_to_orbax_after_save_returns_with_the_values_of_the_cal
         assert not [p for p in tmp_path.iterdir() if p.name.startswith("1")]  # not begun
         gate.set()
         m.wait()
-        assert threads == [False]
-        assert m.verify() == {1: []}
+        # Arrays deleted right after save() (explicit memory management) are saved too.
+        expected2 = jax.device_get(state)
+        assert m.save(2, state, metrics={"loss": 0.5})
+        jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, state)
+        m.wait()
+        assert threads == [False, False]
+        assert m.verify() == {1: [], 2: []}
         assert leaves_equal(m.restore(1), expected)
-        assert m.history() == [{"step": 1, "metrics": {"loss": 1.0}}]
+        assert leaves_equal(m.restore(2), expected2)
+        assert m.history() == [{"step": 1, "metrics": {"loss": 1.0}},
+                               {"step": 2, "metrics": {"loss": 0.5}}]
 
 
 def test_views_pin_cpu_buffers_against_donation_and_only_whole_cpu_arrays_are_pinned():
     """What the background handoff relies on: while a view of a CPU buffer exists, a
-    donating step copies the array instead of reusing its buffer. A sharded array (or
-    one on an accelerator) is not pinned: its save hands it to Orbax on the caller."""
+    donating step copies the array instead of reusing its buffer, and deleting the array
+    does not free it. A sharded array (or one on an accelerator) is not pinned: its save
+    hands it to Orbax on the caller."""
     from jaxckpt import target as target_lib
 
     x = jnp.arange(1024.0)
-    views = target_lib.pinned_on_host({"x": x, "n": 3, "y": np.ones(2)})
-    assert len(views) == 1
+    pinned = target_lib.pinned_on_host({"x": x, "n": 3, "y": np.ones(2)})
+    assert len(pinned.views) == 1
     out = jax.jit(lambda a: a * 0.0 - 1.0, donate_argnums=0)(x)
     assert np.all(np.asarray(out) == -1.0)
     assert not x.is_deleted() and np.array_equal(np.asarray(x), np.arange(1024.0))
-    assert np.array_equal(views[0], np.arange(1024.0))
+    x.delete()  # the pinned buffer outlives the array, and Orbax is given its own arrays
+    given = pinned.arrays()
+    assert given["n"] == 3 and np.array_equal(given["y"], np.ones(2))
+    assert not given["x"].is_deleted() and np.array_equal(given["x"], np.arange(1024.0))
     mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
     sharded = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("d")))
     assert target_lib.pinned_on_host({"x": jnp.ones(2), "s": sharded}) is None
