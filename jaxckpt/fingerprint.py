@@ -13,12 +13,15 @@ CPU), and on the arrays Orbax has just restored, so a restore reads each file on
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxckpt import crc
 from jaxckpt.target import is_prng_key, path_str, per_sharding, saved_leaf
 
 __all__ = ["of_tree", "resolve", "Check"]
@@ -97,7 +100,7 @@ def _key_data(x: Any) -> Any:
 def pending(x: Any) -> Any:
     """Start fingerprinting one leaf; :func:`finish` turns the result into numbers.
 
-    A host array gets a CRC-32C of its bytes (hardware CRC, ~5 GB/s, run later on the
+    A host array gets a CRC-32C of its bytes (hardware CRC, ~9 GB/s, run later on the
     background thread); an accelerator or multi-process array gets the weighted sum,
     dispatched now on its devices. None for leaves that are not arrays.
     """
@@ -105,7 +108,8 @@ def pending(x: Any) -> Any:
     if not (isinstance(x, jax.Array) or (isinstance(x, (np.ndarray, np.generic))
                                          and x.dtype.kind in "biufc")):
         return None
-    host = _host_bytes(x) if _crc32c().implementation == "c" else None
+    fast = crc.best() is not None and crc.best().fast
+    host = _host_bytes(x) if fast else None
     if host is not None:
         return ("crc32c", host)
     return ("wsum32", _of_device_array(x))
@@ -114,19 +118,16 @@ def pending(x: Any) -> Any:
 def finish(started: Any) -> dict[str, int]:
     algorithm, value = started
     if algorithm == "crc32c":
-        # The C extension reads the array's buffer in place (no copy of the state), holding
-        # the GIL: in chunks, so that the training thread runs between them.
+        # Read in place (no copy of the state). An implementation that holds the GIL
+        # gets chunks, so that the training thread runs between them.
         flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        crc, extend = 0, _crc32c().extend
-        for start in range(0, flat.size, _CHUNK):
-            crc = extend(crc, flat[start:start + _CHUNK])
-        return {"crc32c": crc}
+        impl = crc.best()
+        chunk = max(flat.size, 1) if impl.releases_gil else _CHUNK
+        value = 0
+        for start in range(0, flat.size, chunk):
+            value = impl.extend(value, flat[start:start + chunk])
+        return {"crc32c": value}
     return {"wsum32": int(np.asarray(value.addressable_data(0)))}
-
-
-def _crc32c() -> Any:
-    import google_crc32c
-    return google_crc32c
 
 
 def of_tree(tree: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -171,15 +172,27 @@ class Check:
         self._compare(key, finish(("crc32c", array)), want)
 
     def tree(self, tree: Any) -> "Check":
-        """Check every leaf of a restored ``tree`` that :meth:`host` did not."""
+        """Check every leaf of a restored ``tree`` that :meth:`host` did not: on as many
+        threads as there are cores (up to 4) when the CRC releases the GIL, each leaf as
+        soon as its device copy lands."""
         flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        todo = []
         for path, leaf in flat:
             key = self.prefix + path_str(path)
             want = self.expected.get(key)
             if want is None or key in self._done or \
                     not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
                 continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
-            self._compare(key, _restored(_key_data(leaf), want), want)
+            todo.append((key, _key_data(leaf), want))
+        workers = min(4, os.cpu_count() or 1, len(todo))
+        impl = crc.best()
+        if workers > 1 and impl is not None and impl.releases_gil:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                got = list(pool.map(lambda t: _restored(t[1], t[2]), todo))
+        else:
+            got = [_restored(leaf, want) for _, leaf, want in todo]
+        for (key, _, want), value in zip(todo, got):
+            self._compare(key, value, want)
         return self
 
     def _compare(self, key: str, got: dict[str, int], want: dict[str, int]) -> None:

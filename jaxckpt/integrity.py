@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal
 from etils import epath
 
 from jaxckpt import format as fmt
-from jaxckpt import ocdbt, storage
+from jaxckpt import crc, ocdbt, storage
 
 __all__ = ["Verdict", "MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "write_manifest",
            "read_manifest", "check", "safe_relative_path"]
@@ -125,14 +125,11 @@ def _files(step_dir: epath.Path) -> dict[str, int]:
 
 _EXTEND: dict[str, Callable[[int, bytes], int]] = {
     "crc32": lambda value, chunk: zlib.crc32(chunk, value)}
-# New manifests use CRC-32C where google-crc32c (a core dependency) has its C extension;
-# its pure-Python fallback (MB/s) checks manifests, never writes them.
-try:
-    import google_crc32c
-    _EXTEND["crc32c"] = google_crc32c.extend
-    DEFAULT_ALGORITHM = "crc32c" if google_crc32c.implementation == "c" else "crc32"
-except ImportError:
-    DEFAULT_ALGORITHM = "crc32"
+# New manifests use CRC-32C where it runs in hardware or C (jaxckpt.crc); a pure-Python
+# fallback (MB/s) checks manifests, never writes them.
+if crc.best() is not None:
+    _EXTEND["crc32c"] = crc.best().extend
+DEFAULT_ALGORITHM = "crc32c" if crc.best() is not None and crc.best().fast else "crc32"
 
 
 def checksum_of(path: epath.Path, algorithm: str = DEFAULT_ALGORITHM) -> int:
@@ -141,7 +138,7 @@ def checksum_of(path: epath.Path, algorithm: str = DEFAULT_ALGORITHM) -> int:
         extend = _EXTEND[algorithm]
     except KeyError:
         raise ValueError(f"unknown checksum {algorithm!r}; this jaxckpt computes "
-                         f"{sorted(_EXTEND)} (crc32c needs google-crc32c).") from None
+                         f"{sorted(_EXTEND)} (crc32c needs the crc32c package).") from None
     value = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -184,7 +186,10 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     for key in reversed(subtree):
         item = {key: item}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    restored = _settled_read(ocp.Checkpointer(_read_handler()).restore, item_dir,
+    window = _read_window(item_dir, [x for x, s in zip(leaves, placements) if s is None])
+    if not subtree and jax.process_count() == 1:
+        _read_ahead(item_dir)
+    restored = _settled_read(ocp.Checkpointer(_read_handler(window)).restore, item_dir,
                              args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                          partial_restore=bool(subtree)))
     for key in subtree:
@@ -201,9 +206,59 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     return treedef.unflatten(read)
 
 
-def _read_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's PyTree handler, reading through :class:`_SettledHandler`s."""
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=_SETTLED_REGISTRY)
+def _read_handler(window: int | None = None) -> ocp.PyTreeCheckpointHandler:
+    """Orbax's PyTree handler, reading through :class:`_SettledHandler`s, with at most
+    ``window`` bytes of arrays in flight (None: Orbax's default, all of them)."""
+    return ocp.PyTreeCheckpointHandler(
+        type_handler_registry=_SETTLED_REGISTRY,
+        restore_concurrent_gb=None if window is None else window / 1e9)
+
+
+def _read_window(item_dir: epath.Path, leaves: list[Any]) -> int | None:
+    """The bytes of arrays a local restore keeps in flight: a few arrays' worth.
+
+    Each array Orbax reads passes through two fresh host buffers (tensorstore's read of
+    the file, then the array it is decoded into) before its device copy. With every array
+    in flight at once, each buffer is new memory the kernel must fault in page by page
+    (~280k faults for 512 MiB, most of a cold restore's CPU time on a 2-core VM); with a
+    few in flight, the buffers of finished arrays are reused. Remote storage keeps
+    Orbax's default: there, concurrency hides each request's latency.
+    """
+    if "://" in str(item_dir):
+        return None
+    largest = max((x.size * x.dtype.itemsize for x in leaves
+                   if isinstance(x, jax.ShapeDtypeStruct)), default=0)
+    # Orbax refuses an array larger than the window.
+    return max(_READ_WINDOW_BYTES, 2 * largest + 1)
+
+
+_READ_WINDOW_BYTES = 64 << 20
+
+
+def _read_ahead(item_dir: epath.Path) -> None:
+    """Ask the kernel to read a local item's files into the page cache now, in the
+    background (``posix_fadvise(WILLNEED)``), when they fit in free memory.
+
+    A whole restore reads every byte of them anyway, but as many concurrent reads of a
+    few MiB each, which a virtual disk serves slower than one sequential pass (measured
+    here: 0.4-0.8 GB/s against 0.7-1.6 GB/s). Read ahead, a cold 512 MiB restore took
+    0.62-0.82 s instead of 0.72-1.05 s. The data is still read from the disk once.
+    """
+    if "://" in str(item_dir) or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        files = [p for p in pathlib.Path(item_dir).rglob("*") if p.is_file()]
+        total = sum(p.stat().st_size for p in files)
+        if total > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2:
+            return
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+    except (OSError, ValueError):
+        return  # only a hint: the read reports what is wrong with these files
 
 
 def _settled_read(read: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -449,3 +449,39 @@ def test_the_constructor_takes_design_s_arguments_in_design_s_order(tmp_path):
         assert reader.steps() == [1]
         with pytest.raises(RuntimeError, match="opened read_only"):
             reader.save(2, {"x": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_local_restore_reads_its_files_ahead_and_arrays_a_window_at_a_time(
+        tmp_path, monkeypatch, fits):
+    """Every file of the state is read ahead (``WILLNEED``) when it fits in half the free
+    memory, none otherwise; arrays larger than the read window are read all the same
+    (Orbax refuses an array larger than its in-flight limit), bit for bit."""
+    from etils import epath
+
+    from jaxckpt import orbax_io
+
+    monkeypatch.setattr(orbax_io, "_READ_WINDOW_BYTES", 1 << 20)
+    monkeypatch.setattr(orbax_io, "_PLACED_AFTER_MAX_BYTES", 0)  # all through Orbax's read
+    keys = jax.random.split(jax.random.key(0), 3)
+    state = {"a": jax.random.normal(keys[0], (600_000,)),  # 2.3 MiB: over the window
+             "b": jax.random.normal(keys[1], (400_000,)), "c": jnp.arange(10)}
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1)) as m:
+        m.save(1, state)
+    advised = []
+    fadvise, sysconf = os.posix_fadvise, os.sysconf
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: (
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice)),
+        fadvise(fd, offset, n, advice))[1])
+    if not fits:
+        monkeypatch.setattr(os, "sysconf", lambda name: 16 if name == "SC_AVPHYS_PAGES"
+                            else sysconf(name))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert leaves_equal(m.restore(1, target=target), state)
+    files = {str(p) for p in (tmp_path / "1" / "state").rglob("*") if p.is_file()}
+    ahead = {path for path, advice in advised if advice == os.POSIX_FADV_WILLNEED}
+    assert ahead == (files if fits else set())
+    leaves = list(target.values())
+    assert orbax_io._read_window(epath.Path("gs://bucket/run/1/state"), leaves) is None
