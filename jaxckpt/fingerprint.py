@@ -185,8 +185,7 @@ class Check:
                 continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
             todo.append((key, _key_data(leaf), want))
         workers = min(4, os.cpu_count() or 1, len(todo))
-        impl = crc.best()
-        if workers > 1 and impl is not None and impl.releases_gil:
+        if workers > 1 and checks_in_parallel():
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 got = list(pool.map(lambda t: _restored(t[1], t[2]), todo))
         else:
@@ -201,6 +200,12 @@ class Check:
             self.problems.append(
                 f"{key}: array data does not match its fingerprint ({algorithm} "
                 f"{got[algorithm]:#010x}, manifest says {want[algorithm]:#010x})")
+
+
+def checks_in_parallel() -> bool:
+    """Whether host checks gain from threads: the CRC releases the GIL."""
+    impl = crc.best()
+    return impl is not None and impl.releases_gil
 
 
 def _restored(leaf: Any, want: dict[str, int]) -> dict[str, int]:

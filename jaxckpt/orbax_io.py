@@ -11,6 +11,7 @@ subtree (``partial_restore``): the other arrays' bytes are never read.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
 import os
@@ -196,12 +197,23 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
         restored = restored[key]
     read = treedef.flatten_up_to(restored)
     moved = [i for i, s in enumerate(placements) if s is not None]
-    for batch in _batches(moved, [read[i].nbytes for i in moved], _PLACE_BATCH_BYTES):
+
+    def place(batch: list[int]) -> list[Any]:
         if check is not None:
             for i in batch:
                 check.host(target_lib.path_str(flat[i][0]), read[i])
-        placed = jax.device_put([read[i] for i in batch], [placements[i] for i in batch])
-        for i, array in zip(batch, placed):
+        return jax.device_put([read[i] for i in batch], [placements[i] for i in batch])
+
+    batches = _batches(moved, [read[i].nbytes for i in moved], _PLACE_BATCH_BYTES)
+    workers = min(4, os.cpu_count() or 1, len(batches))
+    # The CRC (crc32c releases the GIL) and the copy run on several cores at once.
+    if workers > 1 and (check is None or fingerprint.checks_in_parallel()):
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            placed = list(pool.map(place, batches))
+    else:
+        placed = [place(batch) for batch in batches]
+    for batch, arrays in zip(batches, placed):
+        for i, array in zip(batch, arrays):
             read[i] = array
     return treedef.unflatten(read)
 

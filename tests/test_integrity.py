@@ -369,10 +369,10 @@ def test_every_checkpoint_corrupt(ckpt):
 
 
 # Leaves of every size a restore treats apart: read as numpy and checked before they are
-# copied into place (up to a few MiB), or placed by Orbax and checked where they are (two
-# of those, so that they are checked on threads of their own).
-ARRAYS = {"small": 1_000, "medium": 700_000, "large": 1_500_000,
-          "large2": 1_200_000}  # float32: 4 KB, 2.7, 5.7, 4.6 MiB
+# copied into place (up to a few MiB), or placed by Orbax and checked where they are; two
+# of each, so that each kind is checked on threads of their own.
+ARRAYS = {"small": 1_000, "medium": 700_000, "medium2": 600_000, "large": 1_500_000,
+          "large2": 1_200_000}  # float32: 4 KB, 2.7, 2.3, 5.7, 4.6 MiB
 
 
 def array_state(seed):
