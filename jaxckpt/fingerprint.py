@@ -122,11 +122,14 @@ def finish(started: Any) -> dict[str, int]:
         # gets chunks, so that the training thread runs between them.
         flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         impl = crc.best()
+        if impl is None:
+            raise RuntimeError("checking a CRC-32C fingerprint needs the crc32c package "
+                               "(a jaxckpt dependency): pip install crc32c")
         chunk = max(flat.size, 1) if impl.releases_gil else _CHUNK
-        value = 0
+        out = 0
         for start in range(0, flat.size, chunk):
-            value = impl.extend(value, flat[start:start + chunk])
-        return {"crc32c": value}
+            out = impl.extend(out, flat[start:start + chunk])
+        return {"crc32c": out}
     return {"wsum32": int(np.asarray(value.addressable_data(0)))}
 
 

@@ -537,3 +537,34 @@ def test_restore_runs_no_unpickling(saved, monkeypatch):
         assert leaves_equal(ckpt.state, states[2]) and ckpt.data_state == {"batch": 2}
         assert leaves_equal(m.restore(4)["params"], states[4].params)
         assert m.verify()[4] == []
+
+
+def test_fingerprints_of_either_crc32c_package_verify_with_the_other(tmp_path, monkeypatch):
+    """google-crc32c (holds the GIL: 2 MiB chunks) and crc32c (one call per array) compute
+    the same CRC-32C: a checkpoint fingerprinted by either restores and verifies with the
+    other, and a flipped byte is found either way."""
+    from jaxckpt import crc
+
+    google = crc.Crc32c(google_crc32c.extend, True, False)
+    fast = crc.best()
+    assert fast.releases_gil  # the crc32c package, as installed with jaxckpt
+    state = array_state(7)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    for step, (writer, reader) in enumerate([(google, fast), (fast, google)], start=1):
+        d = tmp_path / str(step)
+        monkeypatch.setattr(crc, "best", lambda: writer)
+        with CheckpointManager(d, CheckpointPolicy(keep_latest=1)) as m:
+            m.save(1, state)
+        monkeypatch.setattr(crc, "best", lambda: reader)
+        with CheckpointManager(d, read_only=True) as m:
+            assert m.verify() == {1: []}
+            assert leaves_equal(m.restore(1, target=target), state)
+        head = np.asarray(state["large"]).tobytes()[:64]
+        data = next(p for p in (d / "1").glob("state/**/d/*") if head in p.read_bytes())
+        raw = bytearray(data.read_bytes())
+        raw[raw.find(head) + 3 * (2 << 20) // 2] ^= 0x10  # in the second 2 MiB chunk
+        data.write_bytes(bytes(raw))
+        with CheckpointManager(d, read_only=True) as m:
+            with pytest.raises(jaxckpt.CheckpointCorruptError, match="state/large: array data"):
+                m.restore(1, target=target)
