@@ -233,7 +233,20 @@ class DirectoryLock:
                 "heartbeat": now, "heartbeat_s": self.heartbeat_s}
 
     def _read(self) -> dict | None:
-        """The lock's owner record; None when there is no lock; ``{}`` when unreadable."""
+        """The lock's owner record; None when there is no lock; ``{}`` when unreadable.
+
+        An unreadable record is read again twice, 50 ms apart, before it counts: a read
+        can land in the middle of a live owner's heartbeat rewrite where a store replaces
+        objects in place (the GCS emulator's file backend does; seen in CI).
+        """
+        for attempt in range(3):
+            owner = self._read_once()
+            if owner != {} or attempt == 2:
+                return owner
+            time.sleep(0.05)
+        return owner
+
+    def _read_once(self) -> dict | None:
         try:
             text = self._io(self.path.read_text, "reading")
         except FileNotFoundError:
