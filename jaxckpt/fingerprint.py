@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -187,12 +187,7 @@ class Check:
                     not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
                 continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
             todo.append((key, _key_data(leaf), want))
-        workers = min(4, os.cpu_count() or 1, len(todo))
-        if workers > 1 and checks_in_parallel():
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                got = list(pool.map(lambda t: _restored(t[1], t[2]), todo))
-        else:
-            got = [_restored(leaf, want) for _, leaf, want in todo]
+        got = map_on_cores(lambda t: _restored(t[1], t[2]), todo, checks_in_parallel())
         for (key, _, want), value in zip(todo, got):
             self._compare(key, value, want)
         return self
@@ -203,6 +198,16 @@ class Check:
             self.problems.append(
                 f"{key}: array data does not match its fingerprint ({algorithm} "
                 f"{got[algorithm]:#010x}, manifest says {want[algorithm]:#010x})")
+
+
+def map_on_cores(fn: Callable[[Any], Any], items: list, threaded: bool) -> list:
+    """``[fn(x) for x in items]``, on up to 4 threads (no more than the cores) when
+    ``threaded`` and there is more than one item: for work that releases the GIL."""
+    workers = min(4, os.cpu_count() or 1, len(items))
+    if not threaded or workers < 2:
+        return [fn(x) for x in items]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def checks_in_parallel() -> bool:
