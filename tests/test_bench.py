@@ -26,6 +26,8 @@ RAW = {"step_s", "save_every_steps", "steps_per_s", "orbax_throughput_ratio", "s
        "sync_save_blocking_s", "first_step_after_save_s", "d2h_s", "persist_s", "persist_Bps",
        "disk", "restore_cold_s", "restore_Bps", "restore_exact", "orbax_restore_Bps",
        "first_save_peak_extra_rss_bytes", "first_save_peak_over_rest_bytes",
+       "first_save_peak_extra_private_bytes", "first_save_peak_rss_over_state",
+       "per_save_transient_private_bytes",
        "loop_peak_over_rest_bytes", "per_save_transient_rss_bytes", "save_cpu_s",
        "jaxckpt_own_s", "save_blocking_p50_minus_orbax_s", "lost_per_save_over_host_copy",
        "idle_save_cpu_s", "orbax_save_cost_training_s", "throughput_over_orbax_per_round",
@@ -97,10 +99,18 @@ def test_overhead_tiny_run_writes_every_key(smoke):
     assert orbax_first["size_mb"] == size["size_mb"] and orbax_first["every"] >= 2
     assert size["raw"]["orbax_first_save_peak_extra_rss_bytes"] == \
         orbax_first["first"]["peak_extra_rss"] > 0
-    # A first save's peak is taken over the same loop's own peak without a save.
+    assert size["raw"]["orbax_first_save_peak_extra_private_bytes"] == \
+        orbax_first["first"]["peak_extra_private"]
+    # A first save's peak is taken over the same loop's own peak without a save, in
+    # the RSS and in its private part (the RSS less file-backed pages, so never more).
     first = orbax_first["first"]
     assert first["peak_extra_rss"] == first["period"]["peak_rss"] - max(
-        first["loop"]["peak_rss"], first["rss_train"])
+        [first["rss_train"]] + [b["peak_rss"] for b in first["loops"]])
+    assert first["peak_extra_private"] == first["period"]["peak_private"] - max(
+        [first["private_train"]] + [b["peak_private"] for b in first["loops"]])
+    assert 0 < first["period"]["peak_private"] < first["period"]["peak_rss"]
+    assert size["ratios"]["peak_ram_over_state"] == pytest.approx(
+        size["raw"]["first_save_peak_extra_private_bytes"] / size["state_bytes"])
     assert size["raw"]["first_save_peak_over_rest_bytes"] == \
         size["raw"]["first_save_peak_extra_rss_bytes"] + size["raw"]["loop_peak_over_rest_bytes"]
     assert_positive_finite(size["ratios"])
@@ -121,7 +131,8 @@ def test_overhead_tiny_run_writes_every_key(smoke):
     assert {"overhead_budget", "chosen_every_n_steps", "measured_overhead",
             "budget_held"} <= set(result["auto"])
     (variant,) = result["tuning"]["variants"].values()
-    assert {"persist_s", "cpu_s", "first_save_peak_ram_over_state", "cold_restore_s"} <= set(variant)
+    assert {"persist_s", "cpu_s", "first_save_peak_ram_over_state", "cold_restore_s",
+            "first_save_peak_rss_over_state"} <= set(variant)
     text = (tmp / "overhead.md").read_text()
     assert "throughput_ratio" in text and "restore_per_leaf_over_orbax" in text
     assert not any((tmp / "work").iterdir())  # checkpoints cleaned up
@@ -159,7 +170,7 @@ def test_import_time_reports_each_command_and_its_heavy_modules(smoke):
 
 def _period(s, cpu=0.0, blocked=0.0):
     return {"s": s, "cpu_s": cpu, "blocked": blocked, "first_step": 0.01, "peak_rss": 10,
-            "rss_before": 4}
+            "rss_before": 4, "peak_private": 8, "private_before": 3}
 
 
 def test_figures_are_quotients_of_medians():
@@ -172,7 +183,8 @@ def test_figures_are_quotients_of_medians():
         "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 3,
         "model": {}, "platform": "cpu", "blocks": blocks,
         "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
-                  "peak_over_rest": 70, "loop_peak_over_rest": 20},
+                  "peak_extra_private": 40, "peak_over_rest": 70,
+                  "loop_peak_over_rest": 20},
         "extra_blocking": {"jaxckpt": [0.02], "orbax": [0.01]}, "sync": [0.3],
         "d2h": {"copy": [0.2, 0.2, 0.2], "device_get": [0.001] * 3},
         "writes": {"wall_s": {"jaxckpt": [2.0, 2.0, 9.0], "orbax": [1.0, 1.0, 1.0]},
@@ -186,7 +198,8 @@ def test_figures_are_quotients_of_medians():
     assert ratios["persist_over_orbax"] == pytest.approx(0.5)  # median 2 s vs 1 s
     assert ratios["restore_over_orbax"] == pytest.approx(1.5)  # median 3 s vs 2 s
     assert ratios["save_cpu_over_orbax"] == pytest.approx(2.0)
-    assert ratios["peak_ram_over_state"] == pytest.approx(0.5)
+    assert ratios["peak_ram_over_state"] == pytest.approx(0.4)  # private memory
+    assert raw["first_save_peak_rss_over_state"] == pytest.approx(0.5)
     assert raw["lost_per_save_over_host_copy"]["jaxckpt"] == pytest.approx(0.4 / 0.2)
     assert raw["save_blocking_p50_minus_orbax_s"] == pytest.approx(0.01)
     assert raw["throughput_over_orbax_pooled"] == pytest.approx(1.3 / 1.5)
@@ -206,7 +219,8 @@ def test_throughput_over_orbax_is_the_median_of_rounds_not_swayed_by_one_slow_pe
         "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 3,
         "model": {}, "platform": "cpu", "blocks": blocks,
         "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
-                  "peak_over_rest": 70, "loop_peak_over_rest": 20},
+                  "peak_extra_private": 40, "peak_over_rest": 70,
+                  "loop_peak_over_rest": 20},
         "extra_blocking": {"jaxckpt": [], "orbax": []}, "sync": [0.3],
         "d2h": {"copy": [0.2], "device_get": [0.001]},
         "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},

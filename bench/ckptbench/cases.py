@@ -99,7 +99,8 @@ def run_first_save(cfg: dict) -> dict:
         if local:
             measure.rmtree(base)
     return {"size_mb": cfg["size_mb"], "state_bytes": w.state_bytes, "every": every,
-            "first": first, "peak_ram_over_state": first["peak_extra_rss"] / w.state_bytes}
+            "first": first, "peak_ram_over_state": first["peak_extra_private"] / w.state_bytes,
+            "peak_rss_over_state": first["peak_extra_rss"] / w.state_bytes}
 
 
 def run_leaves(cfg: dict) -> dict:
@@ -291,7 +292,7 @@ def run_tuning(cfg: dict) -> dict:
     try:
         emit("first save (memory)")
         time.sleep(0.05)
-        rss0 = rss.now()
+        rss0, private0 = rss.now(), rss.now(private=True)
         t0 = time.perf_counter()
         mngr.save(0, args=ocp.args.Composite(state=save_args(w.state)))
         t1 = time.perf_counter()
@@ -299,7 +300,9 @@ def run_tuning(cfg: dict) -> dict:
         first_step = time.perf_counter() - t1
         w.run(2)
         mngr.wait_until_finished()
-        first_extra = rss.peak(t0, time.perf_counter()) - rss0
+        end = time.perf_counter()
+        first_extra = rss.peak(t0, end) - rss0
+        first_private = rss.peak(t0, end, private=True) - private0
 
         emit("idle writes")
         walls, cpus = [], []
@@ -331,7 +334,9 @@ def run_tuning(cfg: dict) -> dict:
     return {"variant": cfg["variant"], "options": options, "size_mb": cfg["size_mb"],
             "state_bytes": n, "step_s": step_s,
             "first_save_peak_extra_rss_bytes": first_extra,
-            "first_save_peak_ram_over_state": first_extra / n,
+            "first_save_peak_extra_private_bytes": first_private,
+            "first_save_peak_ram_over_state": first_private / n,
+            "first_save_peak_rss_over_state": first_extra / n,
             "first_step_after_save_s": first_step,
             "persist_s": measure.median(walls), "persist_s_all": walls,
             "persist_Bps": n / measure.median(walls),

@@ -77,7 +77,16 @@ def back_free_pages(nbytes: int) -> None:
 
 
 class RssSampler:
-    """Samples this process's resident set size in a thread, for the peak of a window."""
+    """Samples this process's memory in a thread, for the peak of a window: the resident
+    set (RSS) and its private part (RSS less file-backed and shared pages).
+
+    A first save's RSS includes ~4.5 MB of the tensorstore library's code, paged in from
+    its ``.so`` the first time Orbax writes, whatever the state's size (measured here:
+    a save of a 16 KiB state raises RSS by 5.2 MB, 4.5 of them file-backed, for jaxckpt
+    and raw Orbax alike). Those pages are clean, shared by every process on the host and
+    dropped by the kernel under pressure: RAM the save takes from the machine is the
+    private figure.
+    """
 
     def __init__(self, period_s: float = 0.002):
         import psutil
@@ -85,26 +94,31 @@ class RssSampler:
         self._proc = psutil.Process()
         self._period = period_s
         self._lock = threading.Lock()
-        self._samples: list[tuple[float, int]] = []
+        self._samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _read(self) -> tuple[int, int]:
+        m = self._proc.memory_info()  # from /proc/self/statm: cheap enough at 2 ms
+        return m.rss, m.rss - m.shared
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            sample = (time.perf_counter(), self._proc.memory_info().rss)
+            sample = (time.perf_counter(), *self._read())
             with self._lock:
                 self._samples.append(sample)
             time.sleep(self._period)
 
-    def now(self) -> int:
-        return self._proc.memory_info().rss
+    def now(self, private: bool = False) -> int:
+        return self._read()[private]
 
-    def peak(self, start: float, end: float) -> int:
-        """The largest RSS sampled between two ``time.perf_counter()`` readings."""
+    def peak(self, start: float, end: float, private: bool = False) -> int:
+        """The largest RSS (or private RSS) sampled between two ``time.perf_counter()``
+        readings."""
         with self._lock:
-            inside = [rss for t, rss in self._samples if start <= t <= end]
-        return max(inside) if inside else self.now()
+            inside = [s[1 + private] for s in self._samples if start <= s[0] <= end]
+        return max(inside) if inside else self.now(private)
 
     def close(self) -> None:
         self._stop.set()

@@ -72,7 +72,7 @@ def period(ctx: Context, kind: str) -> dict:
     ``kind`` "none" is the same K steps without a save: the baseline.
     """
     ctx.back_pages()
-    before = ctx.rss.now()
+    before, private_before = ctx.rss.now(), ctx.rss.now(private=True)
     cpu0, start = time.process_time(), time.perf_counter()
     blocked = ctx.save(kind) if kind != "none" else 0.0
     t1 = time.perf_counter()
@@ -83,7 +83,9 @@ def period(ctx: Context, kind: str) -> dict:
         ctx.savers[kind].wait()
     end = time.perf_counter()
     return {"s": end - start, "cpu_s": time.process_time() - cpu0, "blocked": blocked,
-            "first_step": first, "peak_rss": ctx.rss.peak(start, end), "rss_before": before}
+            "first_step": first, "peak_rss": ctx.rss.peak(start, end), "rss_before": before,
+            "peak_private": ctx.rss.peak(start, end, private=True),
+            "private_before": private_before}
 
 
 def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
@@ -91,25 +93,29 @@ def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
     (one-time thread pools and buffers included) over the same loop without saving. The
     other kinds' pools are warmed after it, outside every figure.
 
-    The loop's own peak is measured first, in a period of the same K steps without a
-    save: a step's gradients and optimizer temporaries rise over the resident set at
-    rest (by 0.3-0.9x the state at 32 MiB here), and a save does not cause them.
+    The loop's own peak is measured first, over two periods of the same K steps without
+    a save: a step's gradients and optimizer temporaries rise over the resident set at
+    rest (by 0.3-0.9x the state at 32 MiB here), and a save does not cause them. Each
+    figure comes twice: of the RSS, and of its private part (``measure.RssSampler``).
     """
     emit("first save (memory)")
     ctx.w.run(1)
     time.sleep(0.05)
-    rss_train = ctx.rss.now()
-    loop = period(ctx, "none")
+    rss_train, private_train = ctx.rss.now(), ctx.rss.now(private=True)
+    loops = [period(ctx, "none") for _ in range(2)]
     p = period(ctx, kind)
     for other in ctx.savers:
         if other != kind:
             ctx.save(other)
             ctx.savers[other].wait()
-    loop_peak = max(loop["peak_rss"], rss_train)
-    return {"rss_train": rss_train, "loop": loop, "period": p,
+    loop_peak = max(rss_train, *(b["peak_rss"] for b in loops))
+    loop_private = max(private_train, *(b["peak_private"] for b in loops))
+    return {"rss_train": rss_train, "private_train": private_train, "loop": loops[0],
+            "loops": loops, "period": p,
             "loop_peak_over_rest": loop_peak - rss_train,
             "peak_over_rest": p["peak_rss"] - rss_train,
-            "peak_extra_rss": p["peak_rss"] - loop_peak}
+            "peak_extra_rss": p["peak_rss"] - loop_peak,
+            "peak_extra_private": p["peak_private"] - loop_private}
 
 
 def interleaved_periods(ctx: Context, rounds: int) -> dict[str, list[dict]]:

@@ -115,11 +115,13 @@ def _beside_size(result: dict, size_mb: float, res: dict) -> None:
     size = next((s for s in result["sizes"] if s.get("size_mb") == size_mb and "raw" in s), None)
     if size is None or "error" in res:
         return
-    jaxckpt = size["raw"]["first_save_peak_extra_rss_bytes"]
-    orbax = res["first"]["peak_extra_rss"]
-    size["raw"]["orbax_first_save_peak_extra_rss_bytes"] = orbax
+    jaxckpt = size["raw"]["first_save_peak_extra_private_bytes"]
+    orbax = res["first"]["peak_extra_private"]
+    size["raw"]["orbax_first_save_peak_extra_rss_bytes"] = res["first"]["peak_extra_rss"]
+    size["raw"]["orbax_first_save_peak_extra_private_bytes"] = orbax
     size["raw"]["orbax_first_save_peak_over_rest_bytes"] = res["first"]["peak_over_rest"]
     size["raw"]["orbax_first_save_peak_ram_over_state"] = res["peak_ram_over_state"]
+    size["raw"]["orbax_first_save_peak_rss_over_state"] = res["peak_rss_over_state"]
     if orbax > 0:  # a state too small to show in the RSS has no ratio
         size["ratios"]["first_save_peak_ram_over_orbax"] = jaxckpt / orbax
 
