@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -23,11 +22,10 @@ import time
 import warnings
 from typing import Any, Callable, Literal
 
-import jax
 from etils import epath
 
 from jaxckpt import format as fmt
-from jaxckpt import integrity, storage
+from jaxckpt import integrity, orbax_io, storage
 from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError,
                             CheckpointNotFoundError)
 from jaxckpt.integrity import Verdict
@@ -39,7 +37,6 @@ log = logging.getLogger("jaxckpt")
 
 Which = Literal["latest", "best"] | int
 _TABLES = ("records", "verdicts", "corrupt", "incomplete", "_metas", "_data")
-_BARRIERS = itertools.count()  # every process makes the same calls: the same names
 
 
 @dataclasses.dataclass
@@ -250,9 +247,7 @@ class Catalog:
                 warnings.warn(f"moved corrupt checkpoint {step} ({verdict.describe()}) to "
                               f"{dest}; it is not deleted: inspect it, then delete it.",
                               stacklevel=5)  # the caller of CheckpointManager.save
-        if jax.process_count() > 1:
-            import orbax.checkpoint as ocp
-            ocp.multihost.sync_global_processes(f"jaxckpt_move_corrupt_{next(_BARRIERS)}")
+        orbax_io.sync_processes("move_corrupt")
         self.corrupt.clear()
 
     # -- latest and best -------------------------------------------------------------------

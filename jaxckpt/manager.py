@@ -252,11 +252,20 @@ class CheckpointManager:
                                   now=self._clock(), force=force)
 
     def wait(self) -> None:
-        """Block until every background write has committed (and raise if one failed)."""
+        """Block until every background write has committed (and raise if one failed).
+
+        In a multi-process job every process calls it (as it calls ``save``), and it
+        returns on each once the primary has also written its manifests and deleted what
+        they replaced: a process that then reads the directory sees what was committed.
+        """
         self._check_open()
-        if self._writer is not None:
-            self._writer.flush_ledger()
-        self._finish_pending()
+        try:
+            if self._writer is not None:
+                self._writer.flush_ledger()
+            self._finish_pending()
+        finally:  # a process that failed still meets the others, then raises
+            if self._writer is not None:
+                orbax_io.sync_processes("wait")
         self._check_lock()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -111,6 +112,17 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
         manager.save(step, args=ocp.args.Composite(**items), force=True)
     finally:
         absl_log.removeFilter(_drop_no_metrics)
+
+
+def sync_processes(tag: str) -> None:
+    """Wait until every process of a multi-process job gets here (nothing to wait for in
+    one process). Every process makes the same calls in the same order, so each barrier
+    gets the same name everywhere."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"jaxckpt_{tag}_{next(_BARRIERS)}")
+
+
+_BARRIERS = itertools.count()
 
 
 def _drop_no_metrics(record: logging.LogRecord) -> bool:

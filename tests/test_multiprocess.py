@@ -73,6 +73,9 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     if mode == "fit":
         _fit(directory)
         return
+    if mode == "wait":
+        _wait(process_id, mesh, step_fn, rows, directory)
+        return
     policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
     with jaxckpt.CheckpointManager(directory, policy) as mngr:
         start = 0
@@ -107,6 +110,32 @@ def _churn(mesh, step_fn, rows, directory):
                 local = {k: v[rows] for k, v in batch(i * CHURN_INNER + j).items()}
                 state, metrics = step_fn(state, par.shard_batch(local, mesh))
             mngr.save(i + 1, state, metrics={"loss": float(metrics["loss"])})
+    print("DONE", flush=True)
+
+
+def _wait(process_id, mesh, step_fn, rows, directory):
+    """Three saves keeping one, then wait(), then what this process sees on disk. The
+    primary writes each manifest (and deletes what it replaced) after Orbax's commit,
+    here slowly: a process whose wait() returned before that saw the newest checkpoint
+    without its manifest and the one it replaced still there."""
+    if process_id == 0:
+        write = jaxckpt.integrity.write_manifest
+
+        def slow_write(*args, **kwargs):
+            time.sleep(1.0)
+            return write(*args, **kwargs)
+        jaxckpt.integrity.write_manifest = slow_write
+    state = par.shard_state(fresh_state(), mesh)
+    policy = jaxckpt.CheckpointPolicy(every_n_steps=1, keep_latest=1)
+    with jaxckpt.CheckpointManager(directory, policy) as mngr:
+        for i in range(3):
+            local = {k: v[rows] for k, v in batch(i).items()}
+            state, metrics = step_fn(state, par.shard_batch(local, mesh))
+            mngr.save(i + 1, state, metrics={"loss": float(metrics["loss"])})
+        mngr.wait()
+        steps = sorted(p for p in os.listdir(directory) if p.isdigit())
+        manifest = os.path.exists(os.path.join(directory, "3", jaxckpt.integrity.MANIFEST_FILE))
+        print("SEEN " + json.dumps({"steps": steps, "manifest": manifest}), flush=True)
     print("DONE", flush=True)
 
 
@@ -275,6 +304,15 @@ def test_deleting_while_training_does_not_deadlock(tmp_path):
         assert [h["step"] for h in mngr.history()] == list(range(1, CHURN_SAVES + 1))
         assert mngr.verify() == {CHURN_SAVES: []}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == [str(CHURN_SAVES)]
+
+
+def test_wait_returns_on_every_process_once_the_primary_has_committed(tmp_path):
+    outs = _finish(_launch(tmp_path, "wait"))
+    for stdout, _ in outs:
+        seen = json.loads(stdout.split("SEEN ", 1)[1].splitlines()[0])
+        assert seen == {"steps": ["3"], "manifest": True}
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
+        assert mngr.steps() == [3] and mngr.verify() == {3: []}
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(
