@@ -530,18 +530,20 @@ def test_two_processes_save_one_checkpoint_to_gs(gcs, gs_dir):
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(TWO_PROCESS_WORKER),
                                str(i), str(port), directory], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = []
+    results, logs = [], []
     try:
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=180)
             assert proc.returncode == 0, stderr[-3000:]
             results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+            logs.append(stderr[-3000:])
     finally:
         for proc in procs:
             proc.kill()
     expected = np.arange(32.0).reshape(8, 4) + 2  # step 2, the best loss
     for i, out in enumerate(results):
-        assert (out["steps"], out["best"], out["spec"]) == ([2, 3], 2, "P('fsdp', None)")
+        assert (out["steps"], out["best"], out["spec"]) == ([2, 3], 2, "P('fsdp', None)"), \
+            (i, logs, gcs.list_objects(prefix))
         # Each process holds its own rows of the best step: 2 devices x 2 rows.
         assert np.array_equal(np.concatenate(out["local"]), expected[4 * i:4 * i + 4])
     objects = gcs.list_objects(f"{prefix}/2/")
