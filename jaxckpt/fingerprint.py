@@ -175,20 +175,27 @@ class Check:
         self._compare(key, finish(("crc32c", array)), want)
 
     def tree(self, tree: Any) -> "Check":
-        """Check every leaf of a restored ``tree`` that :meth:`host` did not: on as many
-        threads as there are cores (up to 4) when the CRC releases the GIL, each leaf as
-        soon as its device copy lands."""
+        """Check every leaf of a restored ``tree`` that :meth:`host` did not.
+
+        CRCs of host bytes run on as many threads as there are cores (up to 4) when the
+        CRC releases the GIL. Weighted sums run on this thread, in the tree's order: each
+        is a jitted reduction, and over an array sharded across processes a collective,
+        which every process must dispatch in the same order (run from a pool, the
+        processes paired different arrays' all-reduces, and a good checkpoint failed its
+        check).
+        """
         flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-        todo = []
+        crcs, sums = [], []
         for path, leaf in flat:
             key = self.prefix + path_str(path)
             want = self.expected.get(key)
             if want is None or key in self._done or \
                     not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
                 continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
-            todo.append((key, _key_data(leaf), want))
-        got = map_on_cores(lambda t: _restored(t[1], t[2]), todo, checks_in_parallel())
-        for (key, _, want), value in zip(todo, got):
+            (crcs if "crc32c" in want else sums).append((key, _key_data(leaf), want))
+        got = map_on_cores(lambda t: _restored(t[1], t[2]), crcs, checks_in_parallel())
+        got += [_restored(leaf, want) for _, leaf, want in sums]
+        for (key, _, want), value in zip(crcs + sums, got):
             self._compare(key, value, want)
         return self
 

@@ -568,3 +568,36 @@ def test_fingerprints_of_either_crc32c_package_verify_with_the_other(tmp_path, m
         with CheckpointManager(d, read_only=True) as m:
             with pytest.raises(jaxckpt.CheckpointCorruptError, match="state/large: array data"):
                 m.restore(1, target=target)
+
+
+def test_device_fingerprints_are_checked_on_the_calling_thread_in_tree_order(monkeypatch):
+    # A weighted sum is a jitted reduction: over an array sharded across processes, a
+    # collective that every process must dispatch in the same order. Checked from a
+    # thread pool, two processes paired different arrays' all-reduces and a good
+    # checkpoint failed its check (tests/test_gcs.py's two-process restore, now and then).
+    from jaxckpt import fingerprint
+    from jaxckpt.target import path_str
+
+    tree = {f"a{i}": jax.numpy.arange(4096.0) + i for i in range(6)}
+    tree["host"] = np.arange(4096.0)  # a CRC: may run on a thread
+    expected = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, np.ndarray):
+            expected[path_str(path)] = fingerprint.finish(("crc32c", leaf))
+        else:
+            expected[path_str(path)] = fingerprint.finish(
+                ("wsum32", fingerprint._of_device_array(leaf)))
+    calls = []
+    real = fingerprint._of_device_array
+
+    def recorded(x):
+        calls.append((threading.current_thread() is threading.main_thread(),
+                      float(np.asarray(x)[0])))
+        return real(x)
+    monkeypatch.setattr(fingerprint, "_of_device_array", recorded)
+    check = fingerprint.Check(expected).tree(tree)
+    assert check.problems == []
+    assert calls == [(True, float(i)) for i in range(6)]  # here, a0 to a5 in order
+    flipped = dict(tree, a3=tree["a3"].at[7].set(-1.0))
+    assert [p.split(":")[0] for p in fingerprint.Check(expected).tree(flipped).problems] == \
+        ["a3"]
