@@ -239,11 +239,12 @@ class DirectoryLock:
         can land in the middle of a live owner's heartbeat rewrite where a store replaces
         objects in place (the GCS emulator's file backend does; seen in CI).
         """
-        for attempt in range(3):
-            owner = self._read_once()
-            if owner != {} or attempt == 2:
-                return owner
+        owner = self._read_once()
+        for _ in range(2):
+            if owner != {}:
+                break
             time.sleep(0.05)
+            owner = self._read_once()
         return owner
 
     def _read_once(self) -> dict | None:
