@@ -14,11 +14,7 @@ CPU), and on the arrays Orbax has just restored, so a restore reads each file on
 from __future__ import annotations
 
 import concurrent.futures
-import functools
-import logging
 import os
-import sys
-import threading
 from typing import Any, Callable
 
 import jax
@@ -28,19 +24,9 @@ import numpy as np
 from jaxckpt import crc
 from jaxckpt.target import is_prng_key, path_str, per_sharding, saved_leaf
 
-__all__ = ["of_tree", "resolve", "resolve_later", "Check"]
+__all__ = ["of_tree", "resolve", "Check"]
 
 _CHUNK = 2 << 20  # bytes CRC'd per call: ~0.3 ms of holding the GIL
-
-CHECKSUM_NICENESS = 10
-"""How much lower than the training thread's the save-time checksums' priority is (Linux).
-
-On a host whose cores also train, the state's CRC (~0.1 CPU-s per GB) then runs when a
-core would otherwise idle, rather than taking an equal share from the training step; at
-niceness +10 it still gets ~10 % of a core that training keeps busy. With idle cores
-(an accelerator host) nothing changes."""
-
-log = logging.getLogger("jaxckpt")
 
 
 @jax.jit
@@ -160,30 +146,6 @@ def resolve(started: dict[str, tuple[Any, Any]]) -> dict[str, dict]:
     a restore checks its target without reading Orbax's metadata."""
     return {"leaves": {path: finish(s) for path, (s, _) in started.items() if s is not None},
             "saved": {path: leaf.to_json() for path, (_, leaf) in started.items()}}
-
-
-def resolve_later(started: dict[str, tuple[Any, Any]]) -> concurrent.futures.Future:
-    """:func:`resolve` on the checksum thread (one per process, at a lower priority: see
-    :data:`CHECKSUM_NICENESS`). It only checksums: no Orbax or TensorStore call, so no
-    thread that writes inherits its priority."""
-    return _checksum_thread().submit(resolve, started)
-
-
-@functools.cache
-def _checksum_thread() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix="jaxckpt-checksum", initializer=_lower_priority)
-
-
-def _lower_priority() -> None:
-    if not sys.platform.startswith("linux"):  # elsewhere setpriority takes no thread id
-        return
-    tid = threading.get_native_id()
-    try:
-        niceness = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, niceness + CHECKSUM_NICENESS))
-    except OSError as e:  # a sandbox without setpriority: checksums at normal priority
-        log.debug("checksum thread keeps its priority: %s", e)
 
 
 class Check:

@@ -12,7 +12,6 @@ on the calling thread, which collectives and device-to-host copies need.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
 import threading
@@ -194,9 +193,7 @@ class Writer:
             self.catalog.forget(s)
         log.debug("step %d saved (%s); keeping %s; deleting %s after commit", step, reason,
                   sorted(kept), stale)
-        # The checksums start now, beside Orbax's write; both only read the state.
-        record = fingerprint.resolve_later(started) if self.primary else None
-        self.background.submit(self._noted(self._commit), step, stale, start, blocked, record,
+        self.background.submit(self._noted(self._commit), step, stale, start, blocked, started,
                                handoff)
         self._drain_timeout = write_deadline(self.timeout, started)
         self.maybe_flush_ledger()
@@ -228,7 +225,7 @@ class Writer:
         return None if persisted is None else min(previous, persisted)
 
     def _commit(self, step: int, stale: list[int], start: float, blocked: float,
-                record: concurrent.futures.Future | None, handoff: tuple | None) -> None:
+                started: dict, handoff: tuple | None) -> None:
         """Background: wait for Orbax's commit of ``step``, write its manifest, then delete
         what it replaced (never before: an older checkpoint outlives a failed newer one).
 
@@ -236,10 +233,8 @@ class Writer:
         :func:`jaxckpt.target.pinned_on_host`), Orbax's save is called here first. A
         failure there is reported at the next call, as a failed write is.
 
-        ``record`` is the state's fingerprints, computed on the checksum thread
-        (:func:`jaxckpt.fingerprint.resolve_later`; None on a non-primary process) while
-        Orbax writes: the CRCs of host arrays then take none of the time from ``save()`` to
-        the manifest.
+        The fingerprints are finished while Orbax still writes (both only read the state):
+        the CRCs of host arrays then take none of the time from ``save()`` to the manifest.
         """
         step_dir = self.directory / str(step)
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
@@ -248,7 +243,7 @@ class Writer:
                 return
             pinned, items = handoff  # its views live as long as this task
             orbax_io.save(self.ocp, step, pinned.arrays(), *items)
-        arrays = record.result() if record is not None else None
+        arrays = fingerprint.resolve(started) if self.primary else None
         self.ocp.wait_until_finished()  # no deadline of its own: finish_pending has it
         self.ocp.check_for_errors()
         if self.primary and not self._abandoned.is_set():

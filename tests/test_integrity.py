@@ -7,13 +7,11 @@ import pathlib
 import pickle
 import re
 import shutil
-import sys
 import threading
 import zlib
 
 import google_crc32c
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -163,35 +161,6 @@ def test_manifest_is_computed_in_the_background_after_commit(tmp_path, monkeypat
     assert all(committed for _, committed in seen)  # after Orbax's commit
     with CheckpointManager(tmp_path, read_only=True) as m:
         assert m.verify() == {1: [], 2: []}
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_save_time_checksums_run_at_a_lower_priority_than_the_caller(tmp_path, monkeypatch):
-    """The state's CRCs run on the checksum thread, niced below the training thread, so a
-    busy host gives the cores to training first; the manifest still holds them."""
-    from jaxckpt import fingerprint
-
-    seen = []
-    original = fingerprint.resolve
-
-    def recording(started):
-        tid = threading.get_native_id()
-        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)))
-        return original(started)
-
-    monkeypatch.setattr(fingerprint, "resolve", recording)
-    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
-        m.save(1, {"x": np.arange(1000.0), "y": jnp.ones((64, 64))})
-        m.wait()
-        assert m.verify() == {1: []}
-        manifest = json.loads((tmp_path / "1" / "jaxckpt_manifest.json").read_text())
-    assert len(seen) == 1
-    name, niceness = seen[0]
-    assert name.startswith("jaxckpt-checksum")
-    assert niceness == min(19, caller + fingerprint.CHECKSUM_NICENESS)
-    assert caller == os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # untouched
-    assert set(manifest["arrays"]["leaves"]) == {"x", "y"}
 
 
 def test_later_saves_leave_earlier_manifests_valid(saved):
