@@ -229,26 +229,33 @@ class Catalog:
         that a run resumed from an older checkpoint can save its steps again."""
         if not self.corrupt:
             return
-        aside = self.directory / fmt.CORRUPT_DIR
         if primary:
-            if not storage.inside(self.directory, aside):
-                warnings.warn(f"{aside} leads outside {self.directory} (a symlink): corrupt "
-                              f"checkpoints {sorted(self.corrupt)} stay where they "
-                              "are. Replace the link with a directory.", stacklevel=4)
-                return
-            stamp = time.strftime("%Y%m%dT%H%M%S")
-            for step, verdict in sorted(self.corrupt.items()):
-                dest = aside / f"{step}-{stamp}-{os.urandom(3).hex()}"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    storage.move_tree(self.directory / str(step), dest, timeout=self.timeout)
-                except FileNotFoundError:
-                    continue
-                warnings.warn(f"moved corrupt checkpoint {step} ({verdict.describe()}) to "
-                              f"{dest}; it is not deleted: inspect it, then delete it.",
-                              stacklevel=5)  # the caller of CheckpointManager.save
+            try:
+                self._move_corrupt()
+            except BaseException as e:  # still meet the others, who wait for the move
+                orbax_io.meet_after_failure("move_corrupt", e)
+                raise
         orbax_io.sync_processes("move_corrupt")
         self.corrupt.clear()
+
+    def _move_corrupt(self) -> None:
+        aside = self.directory / fmt.CORRUPT_DIR
+        if not storage.inside(self.directory, aside):
+            warnings.warn(f"{aside} leads outside {self.directory} (a symlink): corrupt "
+                          f"checkpoints {sorted(self.corrupt)} stay where they "
+                          "are. Replace the link with a directory.", stacklevel=5)
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for step, verdict in sorted(self.corrupt.items()):
+            dest = aside / f"{step}-{stamp}-{os.urandom(3).hex()}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                storage.move_tree(self.directory / str(step), dest, timeout=self.timeout)
+            except FileNotFoundError:
+                continue
+            warnings.warn(f"moved corrupt checkpoint {step} ({verdict.describe()}) to "
+                          f"{dest}; it is not deleted: inspect it, then delete it.",
+                          stacklevel=6)  # the caller of CheckpointManager.save
 
     # -- latest and best -------------------------------------------------------------------
 

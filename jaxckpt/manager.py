@@ -263,9 +263,12 @@ class CheckpointManager:
             if self._writer is not None:
                 self._writer.flush_ledger()
             self._finish_pending()
-        finally:  # a process that failed still meets the others, then raises
+        except BaseException as e:  # a process that failed still meets the others
             if self._writer is not None:
-                orbax_io.sync_processes("wait")
+                orbax_io.meet_after_failure("wait", e)
+            raise
+        if self._writer is not None:
+            orbax_io.sync_processes("wait")
         self._check_lock()
 
     def close(self) -> None:

@@ -125,6 +125,17 @@ def sync_processes(tag: str) -> None:
 _BARRIERS = itertools.count()
 
 
+def meet_after_failure(tag: str, failure: BaseException) -> None:
+    """:func:`sync_processes` on the way out of ``failure``: the other processes still
+    meet this one. If the meeting fails too (another process is gone or stuck),
+    ``failure`` stays the error raised, with the meeting's in a note."""
+    try:
+        sync_processes(tag)
+    except Exception as e:
+        failure.add_note(f"Then meeting the other processes failed as well: "
+                         f"{type(e).__name__}: {e}")
+
+
 def _drop_no_metrics(record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
 

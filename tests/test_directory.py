@@ -29,6 +29,7 @@ from jaxckpt import CheckpointManager, CheckpointPolicy, cli
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
 from jaxckpt import lock as lock_mod
+from jaxckpt import storage
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 POLICY = CheckpointPolicy(monitor="val_loss", mode="min", keep_best=1, keep_latest=2)
@@ -447,16 +448,44 @@ def test_directory_deleted_under_a_writer_is_an_error_not_a_re_creation(tmp_path
         os.rename(tmp_path / "moved", d)  # so that close() can release the lock
 
 
-def test_a_symlinked_corrupt_dir_never_moves_data_outside(ckpt, tmp_path):
+def _recording_barriers(monkeypatch) -> list[str]:
+    from jaxckpt import orbax_io
+
+    met = []
+    monkeypatch.setattr(orbax_io, "sync_processes", met.append)
+    return met
+
+
+def test_a_symlinked_corrupt_dir_never_moves_data_outside(ckpt, tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
     os.symlink(outside, ckpt / fmt.CORRUPT_DIR)
     os.remove(ckpt / "4" / "meta" / "metadata")
     (ckpt / "4" / "meta" / "metadata").write_text("{}")
+    met = _recording_barriers(monkeypatch)
     with pytest.warns(UserWarning, match="leads outside"):
         with CheckpointManager(ckpt) as m:
             m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
     assert os.listdir(outside) == [] and (ckpt / "4").is_dir()
+    # The primary still meets the other processes, which wait for the move it skipped.
+    assert "move_corrupt" in met
+
+
+def test_a_failed_move_of_a_corrupt_checkpoint_still_meets_the_other_processes(
+        ckpt, monkeypatch):
+    os.remove(ckpt / "4" / "meta" / "metadata")
+    (ckpt / "4" / "meta" / "metadata").write_text("{}")
+    met = _recording_barriers(monkeypatch)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(ckpt / "4"))
+
+    monkeypatch.setattr(storage, "move_tree", refused)
+    with CheckpointManager(ckpt) as m:
+        with pytest.raises(PermissionError):
+            m.save(5, {"x": value(5)}, metrics={"val_loss": 0.9})
+        assert met == ["move_corrupt"]
+    assert (ckpt / "4").is_dir()
 
 
 # -- readers beside a live writer -----------------------------------------------------------------

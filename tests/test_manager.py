@@ -418,6 +418,36 @@ def test_background_write_failure_is_raised_and_loses_nothing(tmp_path):
         assert m.steps() == [3]
 
 
+def test_a_failed_write_is_raised_even_when_meeting_the_other_processes_fails(
+        tmp_path, monkeypatch):
+    """wait() meets the other processes even after its own write failed; if that meeting
+    fails too (a process gone), the write's error is still the one raised, the meeting's
+    in a note."""
+    from jaxckpt import orbax_io
+
+    def failing_write(*args):
+        raise OSError(28, "No space left on device")
+
+    def lost_peer(tag):
+        raise TimeoutError(f"barrier jaxckpt_{tag} timed out: process 1 never arrived")
+
+    m = CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1))
+    try:
+        m.save(1, {"x": jnp.arange(10.0)})
+        m.wait()
+        with monkeypatch.context() as patch:
+            patch.setattr(orbax_io, "save", failing_write)
+            patch.setattr(orbax_io, "sync_processes", lost_peer)
+            m.save(2, {"x": jnp.arange(10.0) + 1})
+            with pytest.raises(jaxckpt.CheckpointWriteError,
+                               match="No space left on device") as raised:
+                m.wait()
+        assert any("process 1 never arrived" in note for note in raised.value.__notes__)
+        assert m.steps() == [1]
+    finally:
+        m.close()
+
+
 def test_relative_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with CheckpointManager("runs/ckpt") as m:
