@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ckptbench import figures, report  # noqa: E402
+from ckptbench import figures, measure, report  # noqa: E402
 
 RATIOS = {"throughput_ratio", "blocking_over_d2h", "policy_over_orbax", "persist_over_disk",
           "restore_over_disk", "peak_ram_over_state"}
@@ -31,7 +31,7 @@ RAW = {"step_s", "save_every_steps", "steps_per_s", "orbax_throughput_ratio", "s
        "loop_peak_over_rest_bytes", "per_save_transient_rss_bytes", "save_cpu_s",
        "jaxckpt_own_s", "save_blocking_p50_minus_orbax_s", "lost_per_save_over_host_copy",
        "idle_save_cpu_s", "orbax_save_cost_training_s", "throughput_over_orbax_per_round",
-       "throughput_over_orbax_pooled"}
+       "throughput_over_orbax_pooled", "throughput_over_orbax_interval"}
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
@@ -232,3 +232,28 @@ def test_throughput_over_orbax_is_the_median_of_rounds_not_swayed_by_one_slow_pe
     assert ratios["throughput_over_orbax"] == pytest.approx(1.1)
     assert raw["throughput_over_orbax_pooled"] == pytest.approx(3.3 / 6.0)
     assert raw["throughput_over_orbax_per_round"] == pytest.approx([1.1, 0.275, 1.1])
+    # 3 rounds: the whole range, which holds the median 75 % of the time
+    assert raw["throughput_over_orbax_interval"] == pytest.approx(
+        {"low": 0.275, "high": 1.1, "coverage": 0.75})
+
+
+def test_the_median_interval_narrows_with_rounds_at_its_stated_coverage():
+    seven = [1.07, 0.91, 0.99, 1.02, 0.95, 1.11, 0.97]
+    assert measure.median_interval(seven) == pytest.approx(
+        {"low": 0.91, "high": 1.11, "coverage": 1 - 2 / 128})
+    nine = seven + [0.80, 1.30]
+    assert measure.median_interval(nine) == pytest.approx(
+        {"low": 0.91, "high": 1.11, "coverage": 1 - 2 * 10 / 512})
+    assert measure.median_interval(nine, level=0.8) == pytest.approx(
+        {"low": 0.95, "high": 1.07, "coverage": 1 - 2 * 46 / 512})
+    # Its coverage is what it says: over many samples of 7 from a known distribution,
+    # the interval holds the true median at least that often.
+    import random
+    rng = random.Random(0)
+    held = sum(lo <= 0.0 <= hi for lo, hi in (
+        (i["low"], i["high"]) for i in (
+            measure.median_interval([rng.gauss(0, 1) for _ in range(7)], level=0.6)
+            for _ in range(4000))))
+    got = measure.median_interval(list(range(7)), level=0.6)["coverage"]
+    assert got == pytest.approx(1 - 2 * 8 / 128)  # k=2: x(2)..x(6), 87.5 %
+    assert held / 4000 == pytest.approx(got, abs=0.02)

@@ -9,7 +9,7 @@ each one where it is computed.
 from __future__ import annotations
 
 from ckptbench.measure import median as med
-from ckptbench.measure import pct, spread
+from ckptbench.measure import median_interval, pct, spread
 
 KINDS = ("jaxckpt", "orbax")
 
@@ -89,6 +89,9 @@ def size_figures(m: dict) -> tuple[dict, dict]:
                         "orbax_async": sps["orbax"]},
         "orbax_throughput_ratio": sps["orbax"] / sps["none"],
         "throughput_over_orbax_per_round": vs_orbax,
+        # Where the median of the rounds can be, from the rounds alone: an interval that
+        # holds 1.0 means this run cannot tell jaxckpt's throughput from Orbax's.
+        "throughput_over_orbax_interval": median_interval(vs_orbax),
         # steps/s over all jaxckpt periods ÷ over all Orbax periods (the figure of
         # ``throughput_over_orbax`` until 2026-12-02)
         "throughput_over_orbax_pooled": sps["jaxckpt"] / sps["orbax"],

@@ -25,6 +25,30 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def median_interval(values: Iterable[float], level: float = 0.9) -> dict:
+    """A distribution-free interval for the median of ``values``: order statistics
+    ``x(k) .. x(n+1-k)`` with the largest ``k`` whose coverage (from the binomial
+    distribution of how many values fall below the median) is still at least ``level``.
+
+    With 7 rounds the narrowest such interval at 90 % is the smallest and largest value
+    (98.4 %); with 9 it is the second smallest to the second largest (96.1 %). Too few
+    values for ``level``: the whole range, with its lower coverage.
+    """
+    values = sorted(values)
+    n = len(values)
+    if n == 0:
+        return {"low": float("nan"), "high": float("nan"), "coverage": 0.0}
+
+    def coverage(k: int) -> float:  # P(x(k) <= median <= x(n+1-k)), 1-based k
+        tail = sum(math.comb(n, i) for i in range(k)) / 2 ** n
+        return 1.0 - 2.0 * tail
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return {"low": values[k - 1], "high": values[n - k], "coverage": coverage(k)}
+
+
 def pct(values: Iterable[float], q: float) -> float:
     """The ``q`` quantile (0..1) with linear interpolation; NaN for no values."""
     values = sorted(values)

@@ -127,6 +127,13 @@ def _pair(w: dict, key: str, fmt=ms) -> str:
 
 
 # The raw figures of a size, as (row name, function of the size's "raw" dict).
+def _interval(i: dict | None) -> str:
+    """``low-high (coverage)``; "-" for a report written before the interval existed."""
+    if not i:
+        return "-"
+    return f"{i['low']:.3f}-{i['high']:.3f} ({i['coverage']:.0%})"
+
+
 RAW_ROWS = [
     ("layers x width, batch rows", lambda w: f"{w['model']['layers']} x "
      f"{w['model']['width']}, {w['model']['batch']}"),
@@ -141,6 +148,8 @@ RAW_ROWS = [
     ("throughput over Orbax per round (pooled)", lambda w: " ".join(
         f"{v:.2f}" for v in w["throughput_over_orbax_per_round"])
         + f" ({w['throughput_over_orbax_pooled']:.3f})"),
+    ("throughput over Orbax: median's interval (coverage)", lambda w: _interval(
+        w.get("throughput_over_orbax_interval"))),
     ("training time lost per save: jaxckpt / orbax", lambda w: (
         f"{ms(w['save_cost_training_s'])} / {ms(w['orbax_save_cost_training_s'])}")),
     ("lost per save / one host copy: jaxckpt / orbax", lambda w: _pair(
