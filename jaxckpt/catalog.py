@@ -232,7 +232,7 @@ class Catalog:
         if primary:
             try:
                 self._move_corrupt()
-            except BaseException as e:  # still meet the others, who wait for the move
+            except Exception as e:  # still meet the others, who wait for the move
                 orbax_io.meet_after_failure("move_corrupt", e)
                 raise
         orbax_io.sync_processes("move_corrupt")

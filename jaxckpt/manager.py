@@ -263,7 +263,7 @@ class CheckpointManager:
             if self._writer is not None:
                 self._writer.flush_ledger()
             self._finish_pending()
-        except BaseException as e:  # a process that failed still meets the others
+        except Exception as e:  # a process that failed still meets the others (not on Ctrl-C)
             if self._writer is not None:
                 orbax_io.meet_after_failure("wait", e)
             raise
