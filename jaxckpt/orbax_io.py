@@ -114,6 +114,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
         absl_log.removeFilter(_drop_no_metrics)
 
 
+ASYNC_TIMEOUT_S = ocp.AsyncOptions().timeout_secs
+"""How long Orbax's processes wait for each other at a commit (its default)."""
+
+
+def process_count() -> int:
+    """The processes of this job, for messages (a test stands in for many here)."""
+    return jax.process_count()
+
+
 def sync_processes(tag: str) -> None:
     """Wait until every process of a multi-process job gets here (nothing to wait for in
     one process). Every process makes the same calls in the same order, so each barrier

@@ -314,11 +314,18 @@ class Writer:
             own = isinstance(e, storage.StorageTimeoutError)
             what = (f"{e.operation if own else self._doing} did not finish within "
                     f"{e.timeout_s if own else self.timeout:.0f} s")
+            peers = ""
+            if not own and orbax_io.process_count() > 1:
+                peers = (" In a multi-process job this is also how a write that failed on "
+                         "another process shows (or on this one, with the error in its log): "
+                         "Orbax's processes wait for each other at its commit, for up to "
+                         f"{orbax_io.ASYNC_TIMEOUT_S / 60:.0f} min. Look for the first error "
+                         "in every process's log.")
             raise CheckpointWriteError(
                 f"{what}: the store stopped answering (or is slower than storage_timeout_s). "
                 "Every committed checkpoint is intact, and the unfinished work goes on if the "
                 "store answers again. Check the store (or the network) and save again, or "
-                "raise CheckpointManager(storage_timeout_s=...).") from e
+                "raise CheckpointManager(storage_timeout_s=...)." + peers) from e
         for other in self.background.settle(timeout=self.timeout):
             log.error("also failed in the background in %s: %r", self.directory, other)
         self.reset_orbax(e)

@@ -448,6 +448,44 @@ def test_a_failed_write_is_raised_even_when_meeting_the_other_processes_fails(
         m.close()
 
 
+def test_a_write_past_its_deadline_in_a_multi_process_job_points_at_every_log(
+        tmp_path, monkeypatch):
+    """In a multi-process job, a write that failed on one process leaves every process
+    waiting at Orbax's commit barrier until the deadline: the error says so (seen with
+    two real processes, one of them hitting a file-size limit)."""
+    import threading
+
+    from jaxckpt import orbax_io
+
+    release = threading.Event()
+    real_save = orbax_io.save
+
+    def stuck(*args):
+        release.wait(60)
+        return real_save(*args)
+
+    m = CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2), storage_timeout_s=0.5)
+    try:
+        m.save(1, {"x": jnp.arange(10.0)})
+        m.wait()
+        with monkeypatch.context() as patch:
+            patch.setattr(orbax_io, "save", stuck)
+            patch.setattr(orbax_io, "process_count", lambda: 2)
+            m.save(2, {"x": jnp.arange(10.0) + 1})
+            with pytest.raises(jaxckpt.CheckpointWriteError) as raised:
+                m.wait()
+        release.set()
+        message = str(raised.value)
+        assert "did not finish within" in message
+        assert "another process" in message and "every process's log" in message
+        assert f"{orbax_io.ASYNC_TIMEOUT_S / 60:.0f} min" in message
+    finally:
+        release.set()
+        m.close()
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.steps() == [1, 2] and m.verify() == {1: [], 2: []}
+
+
 def test_relative_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with CheckpointManager("runs/ckpt") as m:
