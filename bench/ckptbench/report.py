@@ -126,7 +126,6 @@ def _pair(w: dict, key: str, fmt=ms) -> str:
     return f"{fmt(w[key]['jaxckpt'])} / {fmt(w[key]['orbax'])}"
 
 
-# The raw figures of a size, as (row name, function of the size's "raw" dict).
 def _interval(i: dict | None) -> str:
     """``low-high (coverage)``; "-" for a report written before the interval existed."""
     if not i:
@@ -134,6 +133,7 @@ def _interval(i: dict | None) -> str:
     return f"{i['low']:.3f}-{i['high']:.3f} ({i['coverage']:.0%})"
 
 
+# The raw figures of a size, as (row name, function of the size's "raw" dict).
 RAW_ROWS = [
     ("layers x width, batch rows", lambda w: f"{w['model']['layers']} x "
      f"{w['model']['width']}, {w['model']['batch']}"),
