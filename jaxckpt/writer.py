@@ -257,7 +257,7 @@ class Writer:
                 log.debug("deleting step %d: no longer among the kept checkpoints", s)
                 self._doing = f"deleting checkpoint {s} ({self.directory / str(s)})"
                 storage.remove_tree(self.directory, s, timeout=self.timeout)
-        self.auto.observe_save(blocked, time.perf_counter() - start)
+        self.auto.observe_save(step, blocked, time.perf_counter() - start)
 
     def maybe_flush_ledger(self) -> None:
         if self.ledger.dirty and time.monotonic() - self._last_flush > LEDGER_FLUSH_S:
