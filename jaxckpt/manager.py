@@ -122,7 +122,8 @@ class CheckpointManager:
             self._catalog.revalue(self.policy)
             self._ledger = opening.load_ledger(self._catalog, stored)
             self._auto = AutoInterval(self.policy, save_cost_s=(stored or {}).get("save_cost_s"),
-                                      every=(stored or {}).get("auto_every"))
+                                      every=(stored or {}).get("auto_every"),
+                                      announce=self._primary)
             self._writer = None if read_only else Writer(
                 self._dir, policy=self.policy, catalog=self._catalog, ledger=self._ledger,
                 auto=self._auto, async_save=async_save, primary=self._primary,
@@ -212,7 +213,7 @@ class CheckpointManager:
         """Whether the schedule asks for a save at ``step`` (ask before computing metrics;
         a save can still be due for a new best). False for a read-only manager."""
         step, epoch = fmt.as_int("step", step), fmt.as_int("epoch", epoch, optional=True)
-        return self._writer is not None and self._writer.due(step, epoch, self._clock())
+        return self._writer is not None and self._writer.agreed_due(step, epoch, self._clock())[0]
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption signal reached this job (every process agrees), as Orbax's."""

@@ -134,6 +134,17 @@ def sync_processes(tag: str) -> None:
 _BARRIERS = itertools.count()
 
 
+def from_process_0(words: np.ndarray) -> np.ndarray:
+    """Process 0's ``words`` (a small uint32 array) on every process, by one broadcast that
+    every process makes at the same point; ``words`` itself in one process."""
+    if process_count() == 1:
+        return words
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(
+        words, is_source=jax.process_index() == 0)).astype(np.uint32)
+
+
 def meet_after_failure(tag: str, failure: BaseException) -> None:
     """:func:`sync_processes` on the way out of ``failure``: the other processes still
     meet this one. If the meeting fails too (another process is gone or stuck),

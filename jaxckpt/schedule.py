@@ -41,7 +41,8 @@ class AutoInterval:
     """
 
     def __init__(self, policy: CheckpointPolicy, *, save_cost_s: float | None = None,
-                 every: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 every: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 announce: bool = True):
         self.policy = policy
         self.save_cost_s = save_cost_s
         self.every = every
@@ -52,6 +53,7 @@ class AutoInterval:
         self._window: _Window | None = None
         self._unpriced: tuple[float, int] | None = None  # (seconds, steps) awaiting a step time
         self._started = False
+        self._announce = announce  # log a new interval (process 0's is the one used)
 
     @property
     def enabled(self) -> bool:
@@ -121,7 +123,7 @@ class AutoInterval:
         every = auto_interval(self.save_cost_s, self.step_time_s,
                               overhead_budget=self.policy.overhead_budget,
                               mtbf_hours=self.policy.mtbf_hours)
-        if every != self.every:
+        if every != self.every and self._announce:
             log.info("every='auto': saving every %d steps (save cost %.3fs, step %.4fs)",
                      every, self.save_cost_s, self.step_time_s)
             self.every = every

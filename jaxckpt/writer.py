@@ -19,6 +19,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 from etils import epath
 
 from jaxckpt import fingerprint, integrity, orbax_io, storage
@@ -100,6 +101,26 @@ class Writer:
         return self.policy.is_due(step, epoch=epoch, now=now, last_save_time=last) or \
             self.auto.due(step, self.catalog.latest())
 
+    def agreed_due(self, step: int, epoch: int | None, now: float) -> tuple[bool, float]:
+        """:meth:`due`, and the time the policy records for this call, as process 0 sees
+        them.
+
+        Every process of a job must save the same steps (Orbax's save is collective). A
+        policy that reads the clock (``CheckpointPolicy.reads_clock``) would let each
+        process's own clock and measurements decide, and a step due on one process and not
+        on another left both waiting at Orbax's commit until it timed out. Such a policy
+        takes process 0's answer, time and ``every="auto"`` interval: one small broadcast
+        per call. A policy of steps and epochs decides alike everywhere, without one.
+        """
+        due = self.due(step, epoch, now)
+        if orbax_io.process_count() == 1 or not self.policy.reads_clock:
+            return due, now
+        words = np.concatenate([np.array([now], np.float64).view(np.uint32),
+                                np.array([due, self.auto.every or 0], np.uint32)])
+        got = orbax_io.from_process_0(words)
+        self.auto.every = int(got[3]) or None
+        return bool(got[2]), float(got[:2].view(np.float64)[0])
+
     def offer(self, step: int, state: Any, metrics: dict | None, epoch: int | None,
               data_state: Any, value: float | None, *, now: float, force: bool) -> bool:
         """Record ``step`` in the ledger and write it if the policy wants it (arguments
@@ -115,8 +136,9 @@ class Writer:
                           "checkpoint can be kept as latest but never as best.", stacklevel=3)
             value = None
         self.auto.observe_call(step)
+        due, now = self.agreed_due(step, epoch, now)
         reason = "forced" if force else self.policy.should_save(
-            value, list(self.catalog.records.values()), due=self.due(step, epoch, now),
+            value, list(self.catalog.records.values()), due=due,
             step=step, time=now, has_metrics=metrics is not None)
         if reason is None:
             self.ledger.record(Entry(step, metrics, epoch, now, False))

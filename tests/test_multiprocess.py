@@ -76,6 +76,9 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     if mode == "wait":
         _wait(process_id, mesh, step_fn, rows, directory)
         return
+    if mode.startswith("clock:"):
+        _clock(process_id, mesh, step_fn, rows, directory, mode.split(":", 1)[1])
+        return
     policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
     with jaxckpt.CheckpointManager(directory, policy) as mngr:
         start = 0
@@ -136,6 +139,36 @@ def _wait(process_id, mesh, step_fn, rows, directory):
         steps = sorted(p for p in os.listdir(directory) if p.isdigit())
         manifest = os.path.exists(os.path.join(directory, "3", jaxckpt.integrity.MANIFEST_FILE))
         print("SEEN " + json.dumps({"steps": steps, "manifest": manifest}), flush=True)
+    print("DONE", flush=True)
+
+
+CLOCK_STEPS = 24
+
+
+def _clock(process_id, mesh, step_fn, rows, directory, schedule):
+    """A policy that reads the clock, and process 1's clock runs 1.6x fast: each process
+    deciding by its own clock saved different steps, and both waited at Orbax's commit.
+    ``schedule`` "seconds": every_seconds (and keep_time_interval); "auto": every="auto"
+    (the step time each process measures differs as well). Prints the steps saved."""
+    t0 = time.time()
+    clock = (lambda: t0 + 1.6 * (time.time() - t0)) if process_id == 1 else time.time
+    state = par.shard_state(fresh_state(), mesh)
+    if schedule == "seconds":
+        policy = jaxckpt.CheckpointPolicy(every_seconds=0.3, keep_latest=1, keep_time_interval=0.9)
+    else:
+        policy = jaxckpt.CheckpointPolicy(every="auto", overhead_budget=0.9, keep_latest=1)
+    saved = []
+    with jaxckpt.CheckpointManager(directory, policy, clock=clock) as mngr:
+        for i in range(CLOCK_STEPS):
+            local = {k: v[rows] for k, v in batch(i).items()}
+            state, metrics = step_fn(state, par.shard_batch(local, mesh))
+            jax.block_until_ready(state)
+            time.sleep(0.05 * (1 + process_id))  # process 1 spends longer on the host
+            if mngr.save(i + 1, state, metrics={"loss": float(metrics["loss"])}):
+                saved.append(i + 1)
+        mngr.wait()
+        kept = mngr.steps()
+    print("SAVED " + json.dumps({"saved": saved, "kept": kept}), flush=True)
     print("DONE", flush=True)
 
 
@@ -313,6 +346,21 @@ def test_wait_returns_on_every_process_once_the_primary_has_committed(tmp_path):
         assert seen == {"steps": ["3"], "manifest": True}
     with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
         assert mngr.steps() == [3] and mngr.verify() == {3: []}
+
+
+@pytest.mark.parametrize("schedule", ["seconds", "auto"])
+def test_a_policy_that_reads_the_clock_saves_the_same_steps_on_every_process(tmp_path,
+                                                                             schedule):
+    """every_seconds, keep_time_interval and every="auto" decide by time; the processes'
+    clocks (and measured step times) differ, and each deciding alone hung the job. Every
+    process now takes process 0's decision: the same steps saved and kept everywhere."""
+    outs = _finish(_launch(tmp_path, f"clock:{schedule}"))  # a hang: fails on timeout
+    seen = [json.loads(out.split("SAVED ", 1)[1].splitlines()[0]) for out, _ in outs]
+    assert seen[0] == seen[1], seen
+    assert len(seen[0]["saved"]) >= 3
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
+        assert mngr.steps() == seen[0]["kept"]
+        assert all(not problems for problems in mngr.verify().values())
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(

@@ -694,3 +694,13 @@ def test_every_auto_counts_a_wait_for_the_previous_write_once():
     auto.observe_save(12, 0.0, 0.1)
     auto.observe_call(13)  # the window of 12 opened at 0.7, one step at 0.1: cost 0
     assert auto.save_cost_s == pytest.approx(0.5 * 0.5 + 0.5 * 0.0)
+
+
+@pytest.mark.parametrize("kw,reads", [
+    (dict(every_n_steps=10, monitor="val_loss"), False), (dict(every_n_epochs=1), False),
+    (dict(save_on_steps=[3]), False), (dict(every_seconds=60), True),
+    (dict(keep_time_interval=3600), True), (dict(every="auto"), True),
+])
+def test_a_policy_says_whether_its_decisions_read_the_clock(kw, reads):
+    """What decides whether the processes of a job must take process 0's answer."""
+    assert CheckpointPolicy(**kw).reads_clock is reads

@@ -191,6 +191,14 @@ class CheckpointPolicy:
 
     # -- when to save --------------------------------------------------------------------
 
+    @property
+    def reads_clock(self) -> bool:
+        """Whether a decision depends on the time of a call (``every_seconds``,
+        ``keep_time_interval``) or on measured times (``every="auto"``): processes of one
+        job, each with its own clock, must then take one process's answer."""
+        return (self.every_seconds is not None or self.keep_time_interval is not None
+                or self.every == "auto")
+
     def is_due(self, step: int, *, epoch: int | None = None, last_save_time: float | None = None,
                now: float | None = None) -> bool:
         """Whether the schedule asks for a save at ``step`` (any configured rule fires).
