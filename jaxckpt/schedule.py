@@ -30,8 +30,8 @@ class _Window(NamedTuple):
 class AutoInterval:
     """Step time and save cost, both measured on the training loop's own clock.
 
-    The step time is an exponential average of the time per step between ``save`` calls
-    while no write is in flight. A save's cost is what it took from the loop, blocking and
+    The step time is an average of the time per step between ``save`` calls while no write
+    is in flight. A save's cost is what it took from the loop, blocking and
     slowdown together: the time from the call that saved to the first call after its write
     committed, less the steps in between at the step time. The write's own duration is not
     an upper bound of that: on a host whose cores the write shares, the loop loses more
@@ -47,6 +47,7 @@ class AutoInterval:
         self.save_cost_s = save_cost_s
         self.every = every
         self.step_time_s: float | None = None
+        self._steps_timed = 0
         self.committed: int | None = None  # the latest step committed (observe_save)
         self._clock = clock
         self._call: tuple[float, int] | None = None  # the latest call: (its start, step)
@@ -69,7 +70,13 @@ class AutoInterval:
                 self._close(now, step)
         elif self._call is not None and step > self._call[1]:
             dt = (now - self._call[0]) / (step - self._call[1])
-            self.step_time_s = dt if self.step_time_s is None else 0.8 * self.step_time_s + 0.2 * dt
+            self._steps_timed += 1
+            # The mean of the first 20, then a slow average: a save's cost is its window
+            # less N step times, so one slow step (a collection, a log line) in a fast
+            # average moved the estimated cost by N times its excess.
+            weight = max(1.0 / self._steps_timed, 0.05)
+            self.step_time_s = dt if self.step_time_s is None else \
+                (1 - weight) * self.step_time_s + weight * dt
             if self._unpriced is not None:
                 self._price(*self._unpriced)
         self._call = (now, step)
@@ -113,13 +120,15 @@ class AutoInterval:
         self.save_cost_s = cost if self.save_cost_s is None else 0.5 * self.save_cost_s + 0.5 * cost
 
     def due(self, step: int, last_saved: int | None) -> bool:
-        """The first call saves (to measure its cost); later calls every N steps."""
+        """The first call saves (to measure its cost); later calls every N steps, and never
+        while the previous save's write is in flight (a save that costs the loop nothing
+        would otherwise come at every step, each waiting for the one before)."""
         if not self.enabled:
             return False
         if self.save_cost_s is None:
             return not self._started  # one save to measure; none until it is priced
-        if not self.step_time_s:
-            return False
+        if not self.step_time_s or self._window is not None:
+            return False  # a write in flight: the next save would wait for it
         every = auto_interval(self.save_cost_s, self.step_time_s,
                               overhead_budget=self.policy.overhead_budget,
                               mtbf_hours=self.policy.mtbf_hours)

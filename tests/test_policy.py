@@ -659,6 +659,16 @@ def test_every_auto_holds_its_budget_when_a_save_costs_the_loop_more_than_its_wr
     assert loop.auto.save_cost_s == pytest.approx(loop.lost_s / len(loop.saved), rel=0.05)
 
 
+def test_every_auto_never_saves_while_a_write_is_in_flight():
+    """A save that costs the loop nothing (priced at 0 s) would make every step due: each
+    save then waits for the write before it. Saves come once the previous one committed."""
+    loop = _Loop(0.05, blocked_s=0.0, after_s=0.0, shared_s=0.0, write_s=1.0)
+    loop.run(2_000)
+    assert loop.auto.save_cost_s == pytest.approx(0.0, abs=1e-9)
+    gaps = [b - a for a, b in zip(loop.saved, loop.saved[1:])]
+    assert len(gaps) > 100 and min(gaps) >= 10  # 1.0 s writes, 0.1 s steps
+
+
 def test_every_auto_prices_its_first_save_once_a_step_time_is_known():
     """The first call saves before any step was timed; its cost is priced at the first
     interval without a write in flight, and saves wait for that price."""
