@@ -211,7 +211,11 @@ class CheckpointManager:
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
         """Whether the schedule asks for a save at ``step`` (ask before computing metrics;
-        a save can still be due for a new best). False for a read-only manager."""
+        a save can still be due for a new best). False for a read-only manager.
+
+        In a multi-process job, ask on every process, as ``save`` is called: a policy that
+        reads the clock answers with process 0's decision, by a broadcast all processes make.
+        """
         step, epoch = fmt.as_int("step", step), fmt.as_int("epoch", epoch, optional=True)
         return self._writer is not None and self._writer.agreed_due(step, epoch, self._clock())[0]
 
