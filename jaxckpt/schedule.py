@@ -135,5 +135,5 @@ class AutoInterval:
         if every != self.every and self._announce:
             log.info("every='auto': saving every %d steps (save cost %.3fs, step %.4fs)",
                      every, self.save_cost_s, self.step_time_s)
-            self.every = every
+        self.every = every
         return step - (last_saved or 0) >= every
