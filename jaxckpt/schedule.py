@@ -25,6 +25,7 @@ class _Window(NamedTuple):
 
     start: float  # clock at the start of the saving call
     step: int
+    blocked: float  # how long that call took: a cost measured directly, not estimated
 
 
 class AutoInterval:
@@ -52,7 +53,7 @@ class AutoInterval:
         self._clock = clock
         self._call: tuple[float, int] | None = None  # the latest call: (its start, step)
         self._window: _Window | None = None
-        self._unpriced: tuple[float, int] | None = None  # (seconds, steps) awaiting a step time
+        self._unpriced: tuple | None = None  # _price's arguments, awaiting a step time
         self._started = False
         self._announce = announce  # log a new interval (process 0's is the one used)
 
@@ -93,7 +94,7 @@ class AutoInterval:
         if self._window is not None and self._committed(self._window):
             self._close(now, step)
             start = now  # the wait is the previous save's, counted once
-        self._window = _Window(start, step)
+        self._window = _Window(start, step, now - start)
 
     def observe_save(self, step: int, blocked_s: float, write_s: float) -> None:
         """Background: ``step`` committed (``blocked_s`` and ``write_s`` are only logged:
@@ -108,15 +109,17 @@ class AutoInterval:
 
     def _close(self, now: float, step: int) -> None:
         window, self._window = self._window, None
-        self._price(now - window.start, step - window.step)
+        self._price(now - window.start, step - window.step, window.blocked)
 
-    def _price(self, seconds: float, steps: int) -> None:
-        """A save's cost from a window of ``seconds`` holding ``steps`` training steps."""
+    def _price(self, seconds: float, steps: int, blocked: float) -> None:
+        """A save's cost from a window of ``seconds`` holding ``steps`` training steps, at
+        least the time its call blocked (the rest is the difference of two large numbers:
+        a cheap save in a long window can come out at 0, which would make every step due)."""
         if self.step_time_s is None:  # the first save comes before any step time
-            self._unpriced = (seconds, steps)
+            self._unpriced = (seconds, steps, blocked)
             return
         self._unpriced = None
-        cost = max(0.0, seconds - steps * self.step_time_s)
+        cost = max(blocked, seconds - steps * self.step_time_s)
         self.save_cost_s = cost if self.save_cost_s is None else 0.5 * self.save_cost_s + 0.5 * cost
 
     def due(self, step: int, last_saved: int | None) -> bool:

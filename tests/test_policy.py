@@ -714,3 +714,26 @@ def test_every_auto_counts_a_wait_for_the_previous_write_once():
 def test_a_policy_says_whether_its_decisions_read_the_clock(kw, reads):
     """What decides whether the processes of a job must take process 0's answer."""
     assert CheckpointPolicy(**kw).reads_clock is reads
+
+
+def test_every_auto_prices_a_save_at_least_at_what_its_call_blocked():
+    """The window's estimate is the difference of two large numbers; steps a little faster
+    than the average made a cheap save come out at 0 s (and every step due). The time the
+    saving call itself took is measured directly: the price never falls below it."""
+    from jaxckpt.schedule import AutoInterval
+
+    t = [0.0]
+    auto = AutoInterval(CheckpointPolicy(every="auto", overhead_budget=0.05),
+                        clock=lambda: t[0])
+    auto.step_time_s = 0.1
+    auto.observe_call(10)
+    t[0] = 0.02
+    auto.observe_saved(10)  # save() blocked 20 ms
+    for step in range(11, 20):
+        t[0] += 0.09  # steps 10 % faster than the average
+        auto.observe_call(step)
+    t[0] += 0.09
+    auto.observe_save(10, 0.02, 0.5)
+    auto.observe_call(20)  # window: 0.92 s for 10 steps of 0.1 s -> -0.08 s
+    assert auto.save_cost_s == pytest.approx(0.02)
+    assert auto.due(23, 20) is False and auto.due(24, 20) is True  # 0.02 / 0.05 / 0.1 s: 4
