@@ -103,6 +103,12 @@ class AutoInterval:
                   write_s)
         self.committed = step
 
+    def write_failed(self) -> None:
+        """The write in flight failed (reported to the caller): no window to price, and no
+        write for the next save to wait for (its window would otherwise stay open, and
+        no save would ever be due again)."""
+        self._window = None
+
     def _committed(self, window: _Window) -> bool:
         done = self.committed
         return done is not None and done >= window.step

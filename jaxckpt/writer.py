@@ -329,6 +329,7 @@ class Writer:
 
     def _after_failure(self, e: Exception) -> None:
         """See what survived on disk, record what was lost, and raise."""
+        self.auto.write_failed()
         if isinstance(e, (StillRunning, storage.StorageTimeoutError)):
             # A stalled store: looking at it again (a rescan, Orbax's close) would stall.
             self.ledger.dirty = True  # a snapshot may be stuck; the next flush rewrites it

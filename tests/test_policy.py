@@ -737,3 +737,17 @@ def test_every_auto_prices_a_save_at_least_at_what_its_call_blocked():
     auto.observe_call(20)  # window: 0.92 s for 10 steps of 0.1 s -> -0.08 s
     assert auto.save_cost_s == pytest.approx(0.02)
     assert auto.due(23, 20) is False and auto.due(24, 20) is True  # 0.02 / 0.05 / 0.1 s: 4
+
+
+def test_every_auto_saves_again_after_a_failed_write():
+    """A failed write never commits: its window must not keep every later save from
+    being due (the writer reports the failure with ``write_failed``)."""
+    loop = _Loop(0.05)
+    loop.run(200)
+    saves = len(loop.saved)
+    loop.auto.observe_call(201)
+    loop.auto.observe_saved(201)  # a write that will fail: no observe_save for it
+    loop._commit = None
+    assert not any(loop.auto.due(s, 201) for s in range(202, 2000))
+    loop.auto.write_failed()
+    assert loop.auto.due(2000, 201) and saves >= 2
