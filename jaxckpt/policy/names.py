@@ -10,6 +10,7 @@ policy that needs a direction refuses it rather than guess.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import warnings
 from typing import Literal
@@ -63,6 +64,7 @@ def _words(name: str) -> set[str]:
     return words
 
 
+@functools.lru_cache(maxsize=256)  # pure, and asked at every save() of a policy
 def metric_mode(name: str) -> Literal["min", "max"] | None:
     """Whether lower (``"min"``) or higher (``"max"``) values of metric ``name`` are better.
 
