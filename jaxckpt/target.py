@@ -63,6 +63,12 @@ _PY_SCALARS = (bool, int, float)
 _INT64 = np.iinfo(np.int64)
 
 
+def _is_python_scalar(x: Any) -> bool:
+    """A Python ``bool``/``int``/``float``; not ``np.float64``, a subclass of ``float``
+    that is a numpy scalar with a dtype of its own."""
+    return isinstance(x, _PY_SCALARS) and not isinstance(x, np.generic)
+
+
 # -- what a leaf is ---------------------------------------------------------------------
 
 
@@ -126,13 +132,15 @@ class SavedLeaf:
 def saved_leaf(x: Any) -> SavedLeaf:
     """What Orbax records for leaf ``x`` of a :func:`to_saveable` tree: Python and numpy
     scalars go to its scalar handler (Python ints as int64, floats as float64)."""
+    if isinstance(x, np.generic):  # not saved as such: to_saveable makes it a 0-d array
+        return _saved_array((), x.dtype, False)
     if isinstance(x, bool):
         return SavedLeaf((), np.dtype(np.bool_), scalar=True)
     if isinstance(x, int):
         return SavedLeaf((), np.dtype(np.int64), scalar=True)
     if isinstance(x, float):
         return SavedLeaf((), np.dtype(np.float64), scalar=True)
-    return _saved_array(tuple(x.shape), x.dtype, isinstance(x, np.number))
+    return _saved_array(tuple(x.shape), x.dtype, False)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -219,7 +227,7 @@ def _unsaveable(x: Any) -> str | None:
     if isinstance(x, int) and not isinstance(x, bool) and not _INT64.min <= x <= _INT64.max:
         return (f"is the Python int {x}, outside int64: store it as an array of smaller "
                 "numbers or pass it as data_state (JSON)")
-    if isinstance(x, _PY_SCALARS):
+    if _is_python_scalar(x):
         return None
     if isinstance(x, (str, bytes)):
         return ("is text; the state holds arrays only: pass text as data_state (JSON or "
@@ -264,6 +272,11 @@ def to_saveable(tree: Any, *, snapshot: bool = False) -> Any:
     reads them later. JAX arrays are immutable (a donated buffer is not reused while the
     save holds it), so they are never copied.
 
+    A numpy scalar (``np.float32(0.1)``, ``np.bool_``, ``ml_dtypes.bfloat16``) becomes a
+    0-d array of its dtype: Orbax's scalar handler would store it as a Python number
+    (losing its dtype) or not at all (bool, bfloat16, float8: a failure in the background
+    write; complex: a checkpoint Orbax cannot read back).
+
     Typed PRNG keys become their raw ``uint32`` key data (readable by any Orbax user, and
     wrapped back into a typed key of the target's impl on restore). Python ``int``,
     ``float`` and ``bool`` leaves are left to Orbax, which stores them as 0-d int64,
@@ -281,6 +294,8 @@ def to_saveable(tree: Any, *, snapshot: bool = False) -> Any:
             return jax.random.key_data(x)
         if snapshot and isinstance(x, np.ndarray):
             return np.array(x, copy=True)
+        if isinstance(x, np.generic):
+            return np.asarray(x)
         return x
     return jax.tree.map(leaf, tree)
 
@@ -455,7 +470,7 @@ def _expected(x: Any) -> tuple[tuple, Any]:
     if is_prng_key(x):
         data = jax.eval_shape(jax.random.key_data, x)
         return tuple(data.shape), np.dtype(data.dtype)
-    if isinstance(x, _PY_SCALARS):
+    if _is_python_scalar(x):
         return (), None
     return tuple(x.shape), np.dtype(x.dtype)
 
@@ -471,7 +486,7 @@ def _shape_problem(path: str, x: Any, meta: Any) -> str | None:
 
 def _dtype_problem(path: str, x: Any, meta: Any) -> str | None:
     saved = np.dtype(meta.dtype)
-    if isinstance(x, _PY_SCALARS):
+    if _is_python_scalar(x):
         wanted = type(x).__name__
         if _kind(saved) != wanted:
             return f"  {path}: checkpoint dtype {saved}, target is a Python {wanted}"
@@ -515,7 +530,7 @@ def _check_against_saved(saved: dict[str, Any], wanted: dict[str, Any], step: An
 
 
 def _leaf_plan(path: str, x: Any, meta: Any) -> _LeafPlan:
-    if isinstance(x, _PY_SCALARS):
+    if _is_python_scalar(x):
         kind = type(x)
         return _LeafPlan(kind(), kind)
     if is_prng_key(x):

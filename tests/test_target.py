@@ -189,6 +189,16 @@ def case_numpy_arrays():
     return saved, target
 
 
+def case_numpy_scalars():
+    """np.float64 subclasses float; np.bool_, bfloat16 and float8 scalars have no Orbax
+    scalar handler; a complex scalar saved by it could not be read back."""
+    saved = {"f64": np.float64(2.5), "f32": np.float32(0.1), "flag": np.bool_(True),
+             "z": np.complex64(1 + 2j), "bf16": np.array(0.5, jnp.bfloat16)[()],
+             "f8": np.array(1.0, jnp.float8_e4m3fn)[()], "i8": np.int8(-3)}
+    target = jax.tree.map(lambda x: type(x)(0), saved)
+    return saved, target
+
+
 def case_python_scalars():
     saved = {"i": 42, "f": 0.1, "b": True, "big": 2**40, "from_array": jnp.int32(7),
              "float_from_array": jnp.float32(1.5)}
@@ -200,7 +210,8 @@ CASES = {f.__name__[len("case_"):]: f for f in [
     case_flax_train_state, case_flax_train_state_at_create, case_jaxckpt_train_state,
     case_nnx_state, case_optax_python_scalars, case_equinox_style_module,
     case_registered_dataclasses, case_none_leaves_and_subtrees, case_prng_keys,
-    case_shape_dtype_structs_with_shardings, case_numpy_arrays, case_python_scalars]}
+    case_shape_dtype_structs_with_shardings, case_numpy_arrays, case_numpy_scalars,
+    case_python_scalars]}
 
 
 # -- checks -----------------------------------------------------------------------------
@@ -249,6 +260,28 @@ def test_restore_gives_back_the_targets_pytree(tmp_path, kind):
     with CheckpointManager(tmp_path, read_only=True) as m:
         out = m.restore(1, target=target)
     assert_same_pytree(out, target, saved)
+
+
+def test_numpy_scalars_keep_their_dtype_without_a_target(tmp_path):
+    saved, _ = case_numpy_scalars()
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, saved)
+        out = m.restore(1)
+    for name, x in saved.items():
+        assert isinstance(out[name], np.ndarray) and out[name].shape == (), name
+        assert out[name].dtype == x.dtype and out[name][()] == x, name
+
+
+def test_numpy_scalars_orbax_stored_as_numbers_restore_into_numpy_scalar_targets(tmp_path):
+    # Orbax's scalar handler (and jaxckpt before 0-d arrays) stored them as Python numbers.
+    saved = {"f64": np.float64(2.5), "f32": np.float32(1.5), "i": np.int32(7)}
+    with ocp.CheckpointManager(tmp_path / "ckpt") as orbax:
+        orbax.save(1, args=ocp.args.PyTreeSave(saved))
+    target = jax.tree.map(lambda x: type(x)(0), saved)
+    with CheckpointManager(tmp_path / "ckpt", read_only=True) as m:
+        out = m.restore(1, target=target)
+    for name, x in saved.items():
+        assert type(out[name]) is type(x) and out[name] == x, name
 
 
 def test_static_fields_come_from_the_target(tmp_path):
