@@ -30,6 +30,7 @@ from jaxckpt.errors import (CheckpointCorruptError, CheckpointDirectoryError,
                             CheckpointNotFoundError)
 from jaxckpt.integrity import Verdict
 from jaxckpt.policy import CheckpointPolicy, Record
+from jaxckpt.policy.names import resolve_mode
 
 __all__ = ["Catalog", "Which", "writers", "check_writable"]
 
@@ -208,10 +209,10 @@ class Catalog:
     def _record(self, step: int, verdict: Verdict) -> Record:
         meta = self.read_meta(step)
         metrics = meta.get("metrics")
-        same_objective = (meta.get("policy") or {}).get("monitor") == self.policy.monitor
+        same = _same_objective(meta.get("policy"), self.policy)
         return Record(step, self.policy.stored_value(metrics), time=meta.get("time"),
                       has_metrics=metrics is not None,
-                      improved=meta.get("improved") if same_objective else None)
+                      improved=meta.get("improved") if same else None)
 
     def read_data_state(self, step: int) -> Any:
         """The data iterator state saved with ``step`` (None when none was)."""
@@ -386,6 +387,23 @@ class Catalog:
 
 
 # -- who wrote a directory -------------------------------------------------------------------
+
+
+def _same_objective(stored: Any, policy: CheckpointPolicy) -> bool:
+    """Whether a checkpoint's recorded ``improved`` flag was judged as ``policy`` judges:
+    the same metric, direction, ``min_delta`` and threshold. Under another (a run reopened
+    with ``mode="max"`` after a mistaken ``"min"``) the flag would rank the worst value
+    best, and a writer would delete the real best: the values are ranked afresh."""
+    if not isinstance(stored, dict) or policy.monitor is None \
+            or stored.get("monitor") != policy.monitor:
+        return False
+    try:
+        mode = resolve_mode(policy.monitor, stored.get("mode", "auto"))
+    except ValueError:
+        return False
+    return (mode == policy.resolved_mode
+            and stored.get("min_delta", 0.0) == policy.min_delta
+            and stored.get("initial_value_threshold") == policy.initial_value_threshold)
 
 
 def writers(directory: epath.Path, names: list[str]) -> dict[int, integrity.Writer]:

@@ -78,6 +78,27 @@ def test_worse_metric_after_restart_never_replaces_best(tmp_path):
         assert (mngr.best_step(), mngr.steps()) == (52, [52])
 
 
+@pytest.mark.parametrize("change", [{"mode": "max"}, {"min_delta": 0.3}])
+def test_a_changed_objective_ranks_by_the_values_not_the_stored_improved_flags(tmp_path,
+                                                                               change):
+    # A run started with the wrong mode (or min_delta), reopened to continue with the right
+    # one: flags judged under the old objective named the worst value best, and the
+    # writer deleted the real best.
+    state = init_state()
+    first = CheckpointPolicy(monitor="score", mode="min", keep_all=True)
+    with CheckpointManager(tmp_path, first) as mngr:
+        for step, v in zip((1, 2, 3, 4), (0.9, 0.5, 0.45, 0.7)):
+            mngr.save(step, state, metrics={"score": v})
+    fixed = CheckpointPolicy(**{"monitor": "score", "mode": "min", "keep_best": 1,
+                                "keep_latest": 1, **change})
+    best = {"mode": 1, "min_delta": 2}[next(iter(change))]  # 0.9; 0.5 (0.45 is not 0.3 better)
+    with CheckpointManager(tmp_path, fixed, read_only=True) as mngr:
+        assert mngr.best_step() == best
+    with CheckpointManager(tmp_path, fixed) as mngr:
+        mngr.save(5, state, metrics={"score": 0.6 if "mode" in change else 0.45})
+        assert mngr.best_step() == best and mngr.steps() == [best, 5]
+
+
 def test_keep_latest_zero_writes_only_improvements(tmp_path):
     policy = CheckpointPolicy(monitor="val_acc", keep_best=2, keep_latest=0)
     state = init_state()
