@@ -11,6 +11,22 @@ from jaxckpt.policy import metric_mode
 
 __all__ = ["History"]
 
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def json_number(value: Any) -> Any:
+    """``value`` with NaN and infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"``:
+    strict JSON (what checkpoints store) has no numbers for them, and a diverged epoch's
+    metrics must still be saved and resumed."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def number_from_json(value: Any) -> Any:
+    """The inverse of :func:`json_number`."""
+    return _NONFINITE.get(value, value) if isinstance(value, str) else value
+
 
 @dataclasses.dataclass
 class History:
@@ -70,12 +86,15 @@ class History:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows, "events": self.events, "monitor": self.monitor,
-                "mode": self.mode, "directory": self.directory}
+        """Strict JSON (non-finite metrics as strings, see :func:`json_number`)."""
+        return {"rows": [{k: json_number(v) for k, v in r.items()} for r in self.rows],
+                "events": self.events, "monitor": self.monitor, "mode": self.mode,
+                "directory": self.directory}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "History":
-        return cls(rows=[dict(r) for r in data.get("rows", [])],
+        return cls(rows=[{k: number_from_json(v) for k, v in r.items()}
+                         for r in data.get("rows", [])],
                    events=[dict(e) for e in data.get("events", [])],
                    monitor=data.get("monitor"), mode=data.get("mode", "auto"),
                    directory=data.get("directory"))

@@ -46,7 +46,7 @@ from jaxckpt import data as data_lib
 from jaxckpt import parallel
 from jaxckpt.callbacks import Callback, CallbackList
 from jaxckpt.errors import CheckpointNotFoundError, RestoreStructureError
-from jaxckpt.history import History
+from jaxckpt.history import History, json_number, number_from_json
 from jaxckpt.early_stopping import EarlyStopping
 from jaxckpt.manager import CheckpointManager
 from jaxckpt.policy import CheckpointPolicy, MetricError
@@ -978,7 +978,8 @@ class _LoopState:
         (floats hold float32 values exactly, so a resumed epoch averages identically)."""
         return {"format": _LOOP_FORMAT, "iterator": iterator.get_state(),
                 "position": self.position, "skipped": sorted(self.skipped),
-                "sums": {k: float(v) for k, v in jax.device_get(dict(sums or {})).items()},
+                "sums": {k: json_number(float(v))
+                         for k, v in jax.device_get(dict(sums or {})).items()},
                 "rollbacks": self.rollbacks, "history": self.history.to_json(),
                 "early_stopping": (self.early_stopping.to_json()
                                    if self.early_stopping is not None else None)}
@@ -991,7 +992,8 @@ class _LoopState:
         self.position = int(data["position"])
         self.skipped = set(int(s) for s in data.get("skipped", []))
         self.rollbacks = int(data.get("rollbacks", 0))
-        self.sums = {k: np.float32(v) for k, v in data.get("sums", {}).items()}
+        self.sums = {k: np.float32(number_from_json(v))
+                     for k, v in data.get("sums", {}).items()}
         self.history = History.from_json(data["history"])
         stored = data.get("early_stopping")
         if self.early_stopping is not None and stored:  # this run's settings, stored tracker

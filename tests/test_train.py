@@ -718,3 +718,32 @@ def test_fit_builds_the_state_sharded_with_no_full_copy_on_one_device():
     assert len(seen.kernels) == 3
     assert all(len(a.sharding.device_set) == 4 and not a.sharding.is_fully_replicated
                for a in seen.kernels)
+
+
+def test_a_nan_validation_metric_is_saved_never_best_and_resumes_as_nan(tmp_path):
+    x, y = xy(320)
+    xv = x[256:].copy()
+    xv[0, 0, 0, 0] = np.nan  # one bad validation example: every val metric is NaN
+    args = dict(val_data=(xv, y[256:]), batch_size=64, checkpoint=tmp_path)
+    with pytest.warns(UserWarning, match="never as best"):
+        quiet_trainer().fit((x[:256], y[:256]), epochs=1, **args)
+    with pytest.warns(UserWarning, match="never as best"):
+        h = quiet_trainer().fit((x[:256], y[:256]), epochs=2, **args)
+    assert h.epochs == [1, 2] and [e["event"] for e in h.events] == ["resume"]
+    assert all(np.isnan(r["val_loss"]) for r in h.rows)  # NaN came back as NaN
+    assert h.best_epoch is None
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.steps() == [8] and m.best_step() is None
+
+
+def test_ignored_nonfinite_losses_are_saved_mid_epoch_and_resume(tmp_path):
+    x, y = xy(256)
+    x[::7] = np.nan  # some rows of every batch: every step's loss is NaN
+    policy = jaxckpt.CheckpointPolicy(monitor="loss", every_n_steps=2)
+    quiet_trainer(on_nonfinite="ignore").fit((x, y), epochs=1, batch_size=64,
+                                             checkpoint=tmp_path, policy=policy, max_steps=2)
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.steps() == [2]  # the epoch's NaN running sums were saved with it
+    h = quiet_trainer(on_nonfinite="ignore").fit((x, y), epochs=1, batch_size=64,
+                                                 checkpoint=tmp_path, policy=policy)
+    assert h.epochs == [1] and np.isnan(h.rows[0]["loss"])
