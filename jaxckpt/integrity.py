@@ -297,6 +297,11 @@ def _writer_from_listing(step_dir: epath.Path, names: set[str]) -> Writer:
 
 
 _JAXCKPT_ITEMS = frozenset({fmt.STATE, fmt.META, fmt.DATA_STATE, fmt.METRICS})
+_RECORDS = frozenset({f"{fmt.META}/metadata", f"{fmt.DATA_STATE}/metadata"})
+"""jaxckpt's JSON records: read at every check (to rank a step, to resume), so their
+checksums are compared at every check too, sizes-only ones included. It costs no read,
+and a flipped digit in a metric can no longer rank a damaged step best (and have a
+writer delete a good one to keep it)."""
 
 
 def _has_jaxckpt_meta(step_dir: epath.Path, names: set[str]) -> bool:
@@ -330,7 +335,8 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
       step_dir: the step's directory.
       step: its step number (must match the manifest and meta).
       checksums: also compare the small files' checksums (else sizes only: the listing,
-        which finds truncated and missing files, not changed bytes).
+        which finds truncated and missing files, not changed bytes; jaxckpt's JSON
+        records, read anyway, are compared always).
 
     Raises:
       FileNotFoundError: ``step_dir`` no longer exists (deleted by its writer meanwhile).
@@ -407,7 +413,7 @@ def _file_problems(step_dir: epath.Path, manifest: dict, on_disk: dict[str, int]
         elif on_disk[rel] != entry["size"]:
             problems.append((rel, f"{rel}: size {on_disk[rel]} bytes, manifest says "
                                   f"{entry['size']}"))
-        elif checksums and algorithm in entry:
+        elif (checksums or rel in _RECORDS) and algorithm in entry:
             to_check.append(rel)
     # On a store concurrently: each read is a round trip. On a disk in turn: a thread
     # hand-off per file costs more than the read, even cold (measured: 2.5 vs 3.3 ms warm).

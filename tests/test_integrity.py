@@ -61,6 +61,16 @@ def flip(path, offset=-20):
     path.write_bytes(bytes(data))
 
 
+def change_digit(path, after):
+    """Valid JSON of the same size, one digit changed (a metric 0.7 read as 0.3)."""
+    data = bytearray(path.read_bytes())
+    i = data.index(after.encode()) + len(after)
+    while not chr(data[i]).isdigit() or data[i] == ord("0"):
+        i += 1
+    data[i] = ord("1") if data[i] != ord("1") else ord("2")
+    path.write_bytes(bytes(data))
+
+
 def rewrite_manifest(step_dir, step):
     """A crafted checkpoint: the manifest matches the (tampered) files again."""
     integrity.write_manifest(step_dir, integrity.build_manifest(step_dir, step))
@@ -208,6 +218,13 @@ CORRUPTIONS = {
             rewrite_manifest(s, 4)),
         r"meta/metadata: step is '4', expected 4.*meta/metadata: metrics \['val_loss'\] are "
         r"not numbers", True),
+    # Read at every open to rank the step: compared with the manifest then, not at a
+    # verify only (a forged best value made a writer delete a good checkpoint).
+    "changed metric in meta JSON": (lambda s: change_digit(s / "meta" / "metadata", "val_loss"),
+                                    r"meta/metadata: checksum mismatch", True),
+    "changed number in data_state JSON": (
+        lambda s: change_digit(s / "data_state" / "metadata", "batch"),
+        r"data_state/metadata: checksum mismatch", True),
     "garbage data_state": (lambda s: (s / "data_state" / "metadata").write_bytes(b"\xff\xfe"),
                            r"data_state/metadata: not readable JSON", True),
     "data_state of wrong schema (manifest rewritten)": (
@@ -247,6 +264,20 @@ def test_corrupt_latest_is_named_refused_and_skipped(ckpt, name):
         assert latest.step == 3 and latest.data_state == {"batch": 3}
         assert leaves_equal(latest.state, states[3])
     assert snapshot(d / "4") == before  # never modified, never deleted
+
+
+def test_a_forged_best_metric_does_not_make_a_writer_delete_a_good_checkpoint(tmp_path):
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=2, keep_latest=1)
+    with CheckpointManager(tmp_path, policy) as m:
+        for step, loss in zip((1, 2, 3, 4), (0.5, 0.4, 0.45, 0.7)):
+            m.save(step, {"w": np.full(8, step, np.float32)}, metrics={"val_loss": loss})
+    change_digit(tmp_path / "4" / "meta" / "metadata", "val_loss")  # 0.7 -> 0.1: best
+    with pytest.warns(UserWarning, match=r"checkpoint 4 .* is corrupt"):
+        m = CheckpointManager(tmp_path)
+    with m:
+        m.save(5, {"w": np.zeros(8, np.float32)}, metrics={"val_loss": 0.6})
+        assert m.steps() == [2, 3, 5] and m.best_step() == 2
+    assert [p.name.split("-")[0] for p in (tmp_path / "jaxckpt-corrupt").iterdir()] == ["4"]
 
 
 def small_data_files(step_dir):
