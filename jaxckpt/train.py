@@ -509,8 +509,12 @@ class Trainer:
         loop, cbs, spe = run.loop, run.callbacks, run.steps_per_epoch
         epoch0 = loop.position // spe
         epoch_end = (epoch0 + 1) * spe
-        every = run.manager.every_n_steps if run.manager is not None else None
+        manager = run.manager if _saves_mid_epoch(run.manager) else None
         single = jax.process_count() == 1
+        # A clock-reading policy's answer is one broadcast in a multi-process job: asked only
+        # where the processes meet anyway, so a save comes at most sync_every steps late.
+        ask_every = 1 if single or not manager or not manager.policy.reads_clock else \
+            self.sync_every
         with _progress(self.quiet or jax.process_index() != 0, epoch0, run.epochs,
                        end - epoch0 * spe, loop.position - epoch0 * spe) as advance:
             while loop.position < end:
@@ -533,7 +537,8 @@ class Trainer:
                 advance()
                 if loop.position >= epoch_end:
                     break  # the epoch's end is the caller's: evaluation, row, checkpoint
-                due = bool(every) and loop.position % every == 0 and run.manager is not None
+                due = manager is not None and loop.position % ask_every == 0 and \
+                    manager.should_save(loop.position)
                 candidate = single or due or loop.position % self.sync_every == 0
                 state, stop = self._stop_point(run, state, candidate)
                 if stop:
@@ -1158,6 +1163,17 @@ def _open_manager(checkpoint, policy, monitor):
     policy = policy or CheckpointPolicy(monitor=monitor, keep_best=1, keep_latest=1,
                                         every_n_epochs=1)
     return CheckpointManager(checkpoint, policy), True
+
+
+def _saves_mid_epoch(manager: CheckpointManager | None) -> bool:
+    """Whether ``manager``'s schedule can ask for a save inside an epoch (a rule of steps or
+    of time, or ``every="auto"``). A policy with no rule at all, whose every call is due,
+    is asked at epoch ends only: a save per step is never what it meant in ``fit``."""
+    if manager is None:
+        return False
+    p = manager.policy
+    return p.every == "auto" or any(rule is not None for rule in (
+        p.every_n_steps, p.every_seconds, p.save_on_steps, p.save_predicate))
 
 
 def _manager_tracks(manager, es: EarlyStopping) -> bool:

@@ -747,3 +747,40 @@ def test_ignored_nonfinite_losses_are_saved_mid_epoch_and_resume(tmp_path):
     h = quiet_trainer(on_nonfinite="ignore").fit((x, y), epochs=1, batch_size=64,
                                                  checkpoint=tmp_path, policy=policy)
     assert h.epochs == [1] and np.isnan(h.rows[0]["loss"])
+
+
+class Clock(jaxckpt.Callback):
+    """A manager's clock that moves one second per training step: time rules, no sleeping."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def on_step_end(self, trainer, step, logs):
+        self.now += 1.0
+
+
+class Saves(jaxckpt.Callback):
+    def __init__(self):
+        self.saves = []
+
+    def on_checkpoint_saved(self, trainer, step, logs):
+        self.saves.append((step, logs["reason"]))
+
+
+@pytest.mark.parametrize("rule,mid_epoch", [
+    (dict(every_seconds=3), [3, 6]),
+    (dict(save_on_steps=[2, 5]), [2, 5]),
+    (dict(save_predicate=lambda step: step % 4 == 3), [3, 7]),
+    (dict(every_n_steps=3), [3, 6])])
+def test_every_schedule_of_the_policy_saves_inside_an_epoch(tmp_path, rule, mid_epoch):
+    x, y = xy()  # 8 steps of 64: one epoch
+    clock, saves = Clock(), Saves()
+    policy = jaxckpt.CheckpointPolicy(monitor="loss", keep_latest=5, **rule)
+    with jaxckpt.CheckpointManager(tmp_path, policy, clock=clock) as m:
+        quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=m,
+                            callbacks=[clock, saves])
+        assert m.steps() == mid_epoch + [8]
+    assert saves.saves == [(s, "interval") for s in mid_epoch] + [(8, "end")]
