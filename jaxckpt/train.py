@@ -389,7 +389,9 @@ class Trainer:
                 train_ds, local_bs, seed=seed, num_epochs=None, transform=None,
                 shard_index=pid, shard_count=nproc)
             run = _Run(placement=placement, template=template, manager=manager,
-                       loop=_LoopState(history=History(monitor=monitor)), make_iter=make_iter,
+                       loop=_LoopState(history=History(monitor=monitor), shape={
+                           "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
+                           "examples": len(train_ds)}), make_iter=make_iter,
                        iterator=make_iter(), steps_per_epoch=steps_per_epoch, epochs=epochs,
                        total_steps=total_steps, val_ds=val_ds,
                        eval_batch_size=eval_batch_size or batch_size,
@@ -429,6 +431,7 @@ class Trainer:
         if kind == "continue":
             ckpt = manager.restore_checkpoint(
                 which, target=run.placement.restore_target(run.template))
+            _check_same_epochs(ckpt.data_state, loop.shape, manager.directory)
             restored = loop.from_json(ckpt.data_state, run.iterator)
             what = ["params", "optimizer state", "step", "RNG", "extras"]
             if restored:
@@ -969,6 +972,7 @@ class _LoopState:
     rollbacks: int = 0
     early_stopping: EarlyStopping | None = None  # settings and tracker, one value
     sums: dict[str, float] = dataclasses.field(default_factory=dict)  # of a partial epoch
+    shape: dict[str, int] = dataclasses.field(default_factory=dict)  # steps_per_epoch, ...
 
     @property
     def stopped(self) -> bool:
@@ -986,6 +990,7 @@ class _LoopState:
                 "sums": {k: json_number(float(v))
                          for k, v in jax.device_get(dict(sums or {})).items()},
                 "rollbacks": self.rollbacks, "history": self.history.to_json(),
+                "shape": dict(self.shape),
                 "early_stopping": (self.early_stopping.to_json()
                                    if self.early_stopping is not None else None)}
 
@@ -1004,6 +1009,28 @@ class _LoopState:
         if self.early_stopping is not None and stored:  # this run's settings, stored tracker
             self.early_stopping = self.early_stopping.resume(EarlyStopping.from_json(stored))
         return True
+
+
+def _check_same_epochs(data: Any, shape: Mapping[str, int], directory) -> None:
+    """Refuse to continue a run whose epochs were cut differently (another batch_size or
+    training set): its position and history count steps of the old epochs, so epochs would
+    be skipped or repeated. Checkpoints older than the stored shape are checked by their
+    position alone (it must lie in the epoch after the last history row)."""
+    if not isinstance(data, dict) or data.get("format") != _LOOP_FORMAT:
+        return
+    spe, stored = shape["steps_per_epoch"], data.get("shape") or {}
+    rows, position = len(data["history"].get("rows", [])), int(data["position"])
+    if stored.get("steps_per_epoch", spe) == spe and position // spe == rows:
+        return
+    was = (f"{stored['steps_per_epoch']} steps per epoch (batch_size {stored['batch_size']}, "
+           f"{stored['examples']} training examples)" if stored else
+           f"other epochs ({rows} epochs done at step {position})")
+    raise ValueError(
+        f"the run in {directory} was trained with {was}; this fit has {spe} (batch_size "
+        f"{shape['batch_size']}, {shape['examples']} training examples), so its epochs would "
+        "not line up with the saved history. Resume with the same batch_size and training "
+        f"data, or start a new run from its weights: fit(checkpoint=<a new directory>, "
+        f"resume={str(directory)!r}).")
 
 
 def _update_early_stopping(loop: _LoopState, es: EarlyStopping | None, row: dict) -> bool:

@@ -784,3 +784,29 @@ def test_every_schedule_of_the_policy_saves_inside_an_epoch(tmp_path, rule, mid_
                             callbacks=[clock, saves])
         assert m.steps() == mid_epoch + [8]
     assert saves.saves == [(s, "interval") for s in mid_epoch] + [(8, "end")]
+
+
+def test_resuming_with_another_batch_size_is_refused_naming_the_fix(tmp_path):
+    x, y = xy()
+    quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path)
+    for batch_size, steps in ((32, 16), (128, 4)):
+        with pytest.raises(ValueError, match=rf"8 steps per epoch \(batch_size 64, 512 "
+                           rf"training examples\); this fit has {steps} \(batch_size "
+                           rf"{batch_size}.*same batch_size.*checkpoint=<a new directory>"):
+            quiet_trainer().fit((x, y), epochs=3, batch_size=batch_size, checkpoint=tmp_path)
+    h = quiet_trainer().fit((x, y), epochs=2, batch_size=64, checkpoint=tmp_path)
+    assert h.epochs == [1, 2]
+
+
+@pytest.mark.parametrize("position,rows,ok", [(16, 2, True), (20, 2, True), (16, 3, False),
+                                              (16, 1, False)])
+def test_a_checkpoint_without_its_epoch_shape_is_checked_by_its_position(position, rows, ok):
+    from jaxckpt.train import _LOOP_FORMAT, _check_same_epochs
+    data = {"format": _LOOP_FORMAT, "position": position,
+            "history": {"rows": [{"epoch": e + 1} for e in range(rows)]}}
+    shape = {"steps_per_epoch": 8, "batch_size": 64, "examples": 512}
+    if ok:
+        _check_same_epochs(data, shape, "/ckpt")
+    else:
+        with pytest.raises(ValueError, match=r"other epochs .*this fit has 8"):
+            _check_same_epochs(data, shape, "/ckpt")
