@@ -7,12 +7,16 @@ steps that a killed writer left. Each a function of the catalog and the stored f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import warnings
+from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
+from jaxckpt import format as fmt
 from jaxckpt import storage
 from jaxckpt.catalog import Catalog
 from jaxckpt.errors import CheckpointDirectoryError, DirectoryLockedError
@@ -51,20 +55,32 @@ def lock_directory(directory: epath.Path,
 
 def stored_policy(catalog: Catalog, stored: dict | None, *, read_only: bool
                   ) -> CheckpointPolicy:
-    """The policy the directory was written with: ``jaxckpt.json``, else the newest
-    checkpoint's own record. A directory with checkpoints never gets a default."""
-    candidates = [stored.get("policy")] if stored else []
+    """The policy the directory was written with: the newest checkpoint's own record (its
+    manifest holds that file's checksum), else ``jaxckpt.json``'s (no checksum: a flipped
+    ``"keep_best": 2`` -> ``0`` there deleted the best checkpoints). When the two differ,
+    the checkpoint's is used, with a warning. A directory with checkpoints never gets a
+    default."""
+    from_file = _usable_policy(stored.get("policy") if stored else None)
     for step in sorted(catalog.records, reverse=True):
         try:
-            candidates.append(catalog.read_meta(step).get("policy"))
+            policy = _usable_policy(catalog.read_meta(step).get("policy"))
         except FileNotFoundError:  # deleted by a live writer meanwhile
             continue
-    for data in candidates:
-        if isinstance(data, dict):
-            try:
-                return CheckpointPolicy.from_json(data)
-            except (TypeError, ValueError) as e:
-                log.warning("stored policy %r is not usable here (%s)", data, e)
+        if policy is None:
+            continue
+        if from_file is not None and from_file != policy:
+            differ = ", ".join(
+                f"{f.name} {getattr(from_file, f.name)!r} there, {getattr(policy, f.name)!r} "
+                "in the checkpoint" for f in dataclasses.fields(policy)
+                if getattr(from_file, f.name) != getattr(policy, f.name))
+            warnings.warn(
+                f"{catalog.directory / fmt.HISTORY_FILE} disagrees with the policy that "
+                f"checkpoint {step}, the newest, was saved with ({differ}): using the "
+                f"checkpoint's, whose record is checksummed. Pass policy=... to choose.",
+                stacklevel=3)
+        return policy
+    if from_file is not None:
+        return from_file
     mine = [s for s, v in catalog.verdicts.items() if v.writer == "jaxckpt"]
     if mine and not read_only:
         raise CheckpointDirectoryError(
@@ -72,6 +88,16 @@ def stored_policy(catalog: Catalog, stored: dict | None, *, read_only: bool
             "a default one could delete the best checkpoint. Pass policy=... (the "
             "policy the run was started with).")
     return CheckpointPolicy()
+
+
+def _usable_policy(data: Any) -> CheckpointPolicy | None:
+    if not isinstance(data, dict):
+        return None
+    try:
+        return CheckpointPolicy.from_json(data)
+    except (TypeError, ValueError) as e:
+        log.warning("stored policy %r is not usable here (%s)", data, e)
+        return None
 
 
 def finish_incomplete(catalog: Catalog) -> None:

@@ -360,6 +360,20 @@ def test_without_the_history_file_the_stored_policy_still_keeps_the_best(ckpt):
         assert (m.steps(), m.best_step()) == ([2, 5, 6], 2)
 
 
+def test_a_changed_policy_in_the_history_file_does_not_override_the_checkpoints(ckpt):
+    # One flipped bit, "keep_best": 1 -> 0: the file has no checksum; each checkpoint's
+    # record has one (in its manifest).
+    path = ckpt / fmt.HISTORY_FILE
+    path.write_text(path.read_text().replace('"keep_best": 1', '"keep_best": 0'))
+    with pytest.warns(UserWarning, match=r"jaxckpt.json disagrees with the policy that "
+                                         r"checkpoint 4.*keep_best 0 there, 1 in the checkpoint"):
+        m = CheckpointManager(ckpt)
+    with m:
+        assert m.policy == POLICY
+        m.save(5, {"x": value(5)}, metrics={"val_loss": 0.8})
+        assert (m.steps(), m.best_step()) == ([2, 4, 5], 2)
+
+
 def test_a_directory_with_checkpoints_and_no_readable_policy_refuses_a_default(ckpt):
     os.remove(ckpt / fmt.HISTORY_FILE)
     for step in (2, 3, 4):  # strip the policy from each step's record, keep it valid
