@@ -163,12 +163,20 @@ class Catalog:
 
     # -- reading one step's records -------------------------------------------------------
 
-    def read_meta(self, step: int) -> dict:
+    def read_meta(self, step: int, *, ledger: bool = False) -> dict:
         """A step's meta record ({} for one written by plain Orbax); raises FileNotFoundError
-        when the step is gone."""
+        when the step is gone.
+
+        A copy, which callers may change; its ``ledger`` segment (up to thousands of
+        entries: every ``save()`` call since the last snapshot) only when asked, and then
+        not copied: copying it made every ``metrics(step)`` and open cost O(entries)."""
         if step not in self._metas:
             self._metas[step] = self._read_meta(step)
-        return copy.deepcopy(self._metas[step])  # callers may change what they get
+        meta = self._metas[step]
+        out = {k: copy.deepcopy(v) for k, v in meta.items() if k != "ledger"}
+        if ledger and "ledger" in meta:
+            out["ledger"] = meta["ledger"]
+        return out
 
     def _read_meta(self, step: int) -> dict:
         path = self.directory / str(step) / fmt.META / "metadata"

@@ -123,7 +123,7 @@ def load_ledger(catalog: Catalog, stored: dict | None) -> Ledger:
     # damaged or not yet rewritten jaxckpt.json lacks comes back from there.
     for step in catalog.steps():
         try:
-            meta = catalog.read_meta(step)
+            meta = catalog.read_meta(step, ledger=True)
         except FileNotFoundError:  # deleted by a live writer meanwhile
             catalog.forget(step)
             continue

@@ -360,6 +360,29 @@ def test_without_the_history_file_the_stored_policy_still_keeps_the_best(ckpt):
         assert (m.steps(), m.best_step()) == ([2, 5, 6], 2)
 
 
+def test_reading_a_steps_record_copies_neither_its_ledger_segment_nor_shares_metrics(
+        tmp_path):
+    # A record carries every save() call since the last snapshot: copying that segment at
+    # each read made metrics(step) and opening cost O(calls) (20k calls: 0.1-0.3 s each).
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1,
+                              every_n_steps=10**6)
+    with CheckpointManager(tmp_path, policy) as m:
+        m.save(0, {"x": value(1)}, metrics={"val_loss": 0.0})
+        for step in range(1, 300):
+            m.save(step, {"x": value(1)}, metrics={"val_loss": 1.0 + step})
+        m.save(300, {"x": value(1)}, metrics={"val_loss": 0.5}, force=True)
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        catalog = m._catalog
+        assert "ledger" not in catalog.read_meta(300)
+        segment = catalog.read_meta(300, ledger=True)["ledger"]
+        assert len(segment) > 100
+        assert segment is catalog.read_meta(300, ledger=True)["ledger"]  # not copied
+        got = m.metrics(300)
+        got["val_loss"] = 7.0
+        assert m.metrics(300) == {"val_loss": 0.5}  # a copy: the catalog's is unchanged
+        assert len(m.history()) == 301
+
+
 def test_a_changed_policy_in_the_history_file_does_not_override_the_checkpoints(ckpt):
     # One flipped bit, "keep_best": 1 -> 0: the file has no checksum; each checkpoint's
     # record has one (in its manifest).
