@@ -215,6 +215,9 @@ def _unsaveable(x: Any) -> str | None:
     if isinstance(x, jax.ShapeDtypeStruct):
         return ("is abstract (jax.ShapeDtypeStruct): save concrete arrays; abstract "
                 "leaves belong in a restore target")
+    if isinstance(x, jax.Array) and x.is_deleted():
+        return ("was deleted: its buffer was donated to a jitted step (donate_argnums) or "
+                "freed with .delete(); save the state the step returned, not its input")
     if isinstance(x, (jax.Array, np.ndarray, np.generic)):
         dtype = np.dtype(x.dtype) if not is_prng_key(x) else None
         if dtype is not None and (dtype.kind in "OUSMm" or dtype.fields is not None):

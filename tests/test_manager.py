@@ -212,6 +212,18 @@ def test_donated_buffers_after_async_save(tmp_path):
         assert leaves_equal(m.restore(5, target=init_state()).params, saved.params)
 
 
+def test_saving_a_donated_state_names_the_leaf_and_the_fix(tmp_path):
+    state = init_state()
+    step = jax.jit(train_step.__wrapped__, donate_argnums=0)
+    step(state)  # the caller kept the input, whose buffers are gone
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
+        with pytest.raises(TypeError, match=r"params/\S+ was deleted: its buffer was donated "
+                                            r"to a jitted step.*save the state the step "
+                                            r"returned"):
+            m.save(1, state)
+        assert m.steps() == []
+
+
 def test_numpy_arrays_changed_in_place_after_an_async_save_are_saved_as_they_were(tmp_path):
     """A numpy loop (or an EMA buffer) updates its arrays in place as soon as save()
     returns; each checkpoint holds the values at its save() call, verifies, and restores."""
