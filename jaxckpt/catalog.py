@@ -351,8 +351,11 @@ class Catalog:
             if _is_step(which):
                 raise CheckpointCorruptError(self.corrupt_message(verdict))
             skipped[step] = verdict
-        # Name every damaged checkpoint the answer would otherwise have been.
-        skipped.update({s: v for s, v in self.corrupt.items() if which == "best" or s > step})
+        # Name every damaged checkpoint the answer would otherwise have been (a step asked
+        # for by number skipped nothing).
+        if not _is_step(which):
+            skipped.update({s: v for s, v in self.corrupt.items()
+                            if which == "best" or s > step})
         if skipped:
             lines = "; ".join(f"step {s}: {_summary(v.problems)}" for s, v in skipped.items())
             warnings.warn(f"restore({which!r}) skipped corrupt checkpoint(s) {sorted(skipped)} "

@@ -8,6 +8,7 @@ import pickle
 import re
 import shutil
 import threading
+import warnings
 import zlib
 
 import google_crc32c
@@ -263,6 +264,9 @@ def test_corrupt_latest_is_named_refused_and_skipped(ckpt, name):
             latest = m.restore_checkpoint("latest", target=init_state())
         assert latest.step == 3 and latest.data_state == {"batch": 3}
         assert leaves_equal(latest.state, states[3])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a step asked for by number skipped nothing
+            assert leaves_equal(m.restore(3, target=init_state()), states[3])
     assert snapshot(d / "4") == before  # never modified, never deleted
 
 
