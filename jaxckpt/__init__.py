@@ -42,7 +42,13 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("data",)  # jaxckpt.data.load_tfds(...) after a plain `import jaxckpt`
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"jaxckpt.{name}")
     if name in _LAZY:
         import importlib
         value = getattr(importlib.import_module(_LAZY[name]), name)
@@ -52,4 +58,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *_LAZY, *_SUBMODULES])

@@ -350,6 +350,8 @@ class Trainer:
           ValueError: the data lack ``input_key``/``label_key`` (names the keys they have).
           SystemExit: after SIGTERM (status 0) or Ctrl-C (130), once the checkpoint is saved.
         """
+        _check_counts(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                      max_steps=max_steps)
         self.stop_training = False
         self._signals.install(self.handle_signals)  # first: a Ctrl-C in start-up is kept
         manager, own_manager = None, False
@@ -1077,6 +1079,32 @@ def _check_monitors(names: list[str], has_val: bool, policy_monitor: str | None,
 _RESUME_WORDS = ("auto", "never", "latest", "best")
 
 
+def _check_counts(**counts: Any) -> None:
+    """``fit``'s counts are whole numbers >= 1 (None: not given); a float ``epochs`` would
+    train part of an epoch that no history row shows."""
+    for name, value in counts.items():
+        if value is None and name in ("eval_batch_size", "max_steps"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            hint = " (for part of an epoch, pass max_steps=)" if name == "epochs" and \
+                isinstance(value, float) else ""
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}{hint}.")
+
+
+def _check_resume_word(resume: Any) -> None:
+    """A bare word that is neither a resume keyword nor an existing path is a typo
+    (``"lastest"``), not a run to fine-tune from: say what ``resume`` accepts."""
+    if not isinstance(resume, str) or resume in _RESUME_WORDS or "/" in resume or \
+            os.sep in resume or os.path.exists(resume):
+        return
+    import difflib
+    near = difflib.get_close_matches(resume, _RESUME_WORDS, n=1)
+    raise ValueError(
+        f"resume={resume!r} is neither 'auto', 'never', 'latest', 'best', a step (int), nor "
+        "the path of an existing checkpoint directory"
+        + (f"; did you mean {near[0]!r}?" if near else "."))
+
+
 def _is_step(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -1084,6 +1112,7 @@ def _is_step(x: Any) -> bool:
 def _resume_plan(resume: Any, manager: CheckpointManager | None) -> tuple[str, Any]:
     """What ``fit(resume=...)`` starts from: ``("fresh", None)``, ``("continue", which)``
     or ``("finetune", path)``; raises with the fix when the request cannot be met."""
+    _check_resume_word(resume)
     if isinstance(resume, os.PathLike) or (isinstance(resume, str) and
                                            resume not in _RESUME_WORDS):
         if manager is not None and manager.latest_step() is not None:

@@ -810,3 +810,44 @@ def test_a_checkpoint_without_its_epoch_shape_is_checked_by_its_position(positio
     else:
         with pytest.raises(ValueError, match=r"other epochs .*this fit has 8"):
             _check_same_epochs(data, shape, "/ckpt")
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(batch_size=0), r"batch_size must be an int >= 1, got 0\.$"),
+    (dict(batch_size=-8), r"batch_size must be an int >= 1, got -8"),
+    (dict(batch_size=64.0), r"batch_size must be an int >= 1, got 64.0"),
+    (dict(epochs=-1), r"epochs must be an int >= 1, got -1\.$"),
+    (dict(epochs=1.5), r"epochs must be an int >= 1, got 1.5 \(for part of an epoch, pass "
+                       r"max_steps=\)"),
+    (dict(max_steps=0), r"max_steps must be an int >= 1, got 0"),
+    (dict(eval_batch_size=0), r"eval_batch_size must be an int >= 1, got 0")])
+def test_counts_that_are_not_whole_positive_numbers_are_refused(kw, message):
+    x, y = xy(256)
+    t = quiet_trainer()
+    with pytest.raises(ValueError, match=message):
+        t.fit((x, y), **{"epochs": 1, "batch_size": 64, **kw})
+    assert t.state is None
+
+
+def test_a_mistyped_resume_word_says_what_resume_accepts(tmp_path, monkeypatch):
+    x, y = xy(256)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"resume='lastest' is neither 'auto', 'never', "
+                       r"'latest', 'best', a step \(int\), nor the path .*did you mean 'latest'"):
+        quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path / "ck",
+                            resume="lastest")
+    with jaxckpt.CheckpointManager(tmp_path / "ck", read_only=True) as m:
+        assert m.steps() == []
+    quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path / "pre")
+    h = quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path / "ck",
+                            resume="pre")  # an existing relative path is still a path
+    assert h.events[0]["event"] == "finetune"
+
+
+def test_data_is_reachable_after_a_plain_import_and_loads_on_first_use():
+    code = ("import sys, jaxckpt; assert 'jaxckpt.data' not in sys.modules; "
+            "print(jaxckpt.data.load_tfds.__name__, 'data' in dir(jaxckpt))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["load_tfds", "True"]
