@@ -46,6 +46,7 @@ def _check_checkpoint_dir(directory: str):
     """The directory as an epath, or a CliError naming what is wrong with it."""
     from etils import epath
 
+    from jaxckpt.format import LOCK_FILE
     from jaxckpt.manager import HISTORY_FILE
 
     path = epath.Path(directory)
@@ -59,7 +60,10 @@ def _check_checkpoint_dir(directory: str):
     if not path.is_dir():
         raise CliError(f"{directory} is a file, not a checkpoint directory.")
     entries = list(path.iterdir())  # one listing for every question below
-    if (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in entries):
+    # Empty, or only a lock: a manager opened it and nothing was committed yet (a run
+    # killed before its first save, or one that saved nothing): no checkpoints, no error.
+    if not entries or [p.name for p in entries] == [LOCK_FILE] or \
+            (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in entries):
         return path
     from jaxckpt.catalog import other_naming, other_naming_message
 

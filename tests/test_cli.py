@@ -365,6 +365,17 @@ def test_bad_directory_is_one_line_error(tmp_path, capsys, command, make, messag
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("left", [[], ["jaxckpt.lock"]])
+def test_a_directory_a_manager_opened_and_committed_nothing_to_lists_no_checkpoints(
+        tmp_path, capsys, left):
+    # A run killed before its first save leaves its lock; one that saved nothing, nothing.
+    for name in left:
+        (tmp_path / name).write_text("{}")
+    assert main(["ls", str(tmp_path)]) == 0
+    assert "0 checkpoints" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+
+
 def test_not_a_checkpoint_dir_suggests_the_nested_one(tutorial, tmp_path, capsys):
     shutil.copytree(tutorial, tmp_path / "checkpoints")
     assert main(["best", str(tmp_path)]) == 2
