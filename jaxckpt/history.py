@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from jaxckpt.policy import metric_mode
 
@@ -125,16 +125,18 @@ class History:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, path, *, metrics: tuple[str, ...] | None = None, title: str | None = None,
-             log_scale: bool = False) -> None:
+    def plot(self, path, *, metrics: str | Sequence[str] | None = None,
+             title: str | None = None, log_scale: bool = False) -> None:
         """Loss curves (train and validation) over epochs, the best epoch marked and labelled;
         accuracy-like metrics in a second panel. Saved to ``path`` (.png, .svg, .pdf).
 
         Args:
-          metrics: the metrics to draw (default: all).
+          metrics: the metric, or metrics, to draw (default: all).
           title: default ``training history: <checkpoint directory>``.
           log_scale: loss axes on a log scale (for losses that fall by decades).
         """
         from jaxckpt.plotting import plot_history
 
+        if isinstance(metrics, str):  # one name, not its letters
+            metrics = (metrics,)
         plot_history(self, path, metrics=metrics, title=title, log_scale=log_scale)

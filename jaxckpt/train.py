@@ -585,6 +585,8 @@ class Trainer:
         row["time"] = time.time()
         loop.history.rows.append(row)
         improved = _update_early_stopping(loop, es, row)
+        if loop.stopped:  # before the save: the checkpoint's history holds the event
+            loop.history.events.append({"event": "early_stop", "epoch": epoch})
         if improved and es and es.restore_best_weights and not \
                 _manager_tracks(manager, es):
             run.best_copy = _host_copy(run.placement.checkpointable(state))
@@ -600,7 +602,6 @@ class Trainer:
         run.callbacks.on_epoch_end(self, epoch, dict(row))
         self._epoch_line(row, run.epochs, saved, manager)
         if loop.stopped:
-            loop.history.events.append({"event": "early_stop", "epoch": epoch})
             self._print(f"early stopping at epoch {epoch}: {es.monitor} did not improve for "
                         f"{es.patience} epochs")
         return state

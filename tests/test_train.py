@@ -851,3 +851,25 @@ def test_data_is_reachable_after_a_plain_import_and_loads_on_first_use():
                          env=_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["load_tfds", "True"]
+
+
+def test_plot_takes_one_metric_name_as_well_as_several(tmp_path):
+    h = jaxckpt.History(rows=[{"epoch": 1, "loss": 1.0, "accuracy": 0.5},
+                              {"epoch": 2, "loss": 0.5, "accuracy": 0.7}], monitor="loss")
+    h.plot(tmp_path / "loss.png", metrics="loss")
+    h.plot(tmp_path / "both.png", metrics=["loss", "accuracy"])
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "both.png").exists()
+    with pytest.raises(ValueError, match=r"no metric \['los'\]"):
+        h.plot(tmp_path / "x.png", metrics="los")
+
+
+def test_the_early_stop_event_survives_a_rerun_of_the_finished_run(tmp_path):
+    x, y = xy()
+    args = dict(val_data=(x[448:], y[448:]), epochs=30, batch_size=64, checkpoint=tmp_path,
+                early_stopping=jaxckpt.EarlyStopping(patience=1))
+    first = jaxckpt.Trainer(MLP(), optax.sgd(3.0), quiet=True).fit((x[:448], y[:448]), **args)
+    assert len(first.rows) < 30 and first.events == [
+        {"event": "early_stop", "epoch": len(first.rows)}]
+    again = jaxckpt.Trainer(MLP(), optax.sgd(3.0), quiet=True).fit((x[:448], y[:448]), **args)
+    assert again.rows == first.rows
+    assert [e["event"] for e in again.events] == ["early_stop", "resume"]
