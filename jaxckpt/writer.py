@@ -361,7 +361,7 @@ class Writer:
         doing = (getattr(e, "__notes__", None) or ["its manifest, deletions or the history "
                                                    "file"])[-1]
         what = (f"background write of step(s) {lost} to {self.directory}" if lost else
-                f"background work after a committed checkpoint in {self.directory} ({doing})")
+                f"background work in {self.directory} ({doing})")
         raise write_error(what, e, self.catalog.steps()) from e
 
     def _new_orbax(self):

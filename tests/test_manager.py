@@ -451,6 +451,27 @@ def test_background_write_failure_is_raised_and_loses_nothing(tmp_path):
         assert m.steps() == [3]
 
 
+def test_a_failed_history_file_write_says_what_failed_and_claims_no_commit(tmp_path,
+                                                                        monkeypatch):
+    from jaxckpt import ledger as ledger_lib
+
+    def refuse(*_):
+        raise PermissionError(1, "Operation not permitted")
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2)) as m:
+        m.save(1, {"x": jnp.arange(3.0)})
+        m.wait()
+        monkeypatch.setattr(ledger_lib, "write_file", refuse)
+        m.save(2, {"x": jnp.arange(3.0)}, force=True)
+        m._writer.flush_ledger()
+        with pytest.raises(jaxckpt.CheckpointWriteError) as e:
+            m.wait()
+        message = str(e.value)
+        assert f"(writing {tmp_path / 'jaxckpt.json'})" in message, message
+        assert "Operation not permitted" in message and "committed" not in message
+        monkeypatch.undo()
+        assert m.steps() == [1, 2]
+
+
 def test_a_failed_write_is_raised_even_when_meeting_the_other_processes_fails(
         tmp_path, monkeypatch):
     """wait() meets the other processes even after its own write failed; if that meeting
