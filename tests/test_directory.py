@@ -128,6 +128,23 @@ def test_a_file_a_dangling_link_or_a_directory_named_like_a_step_is_left_alone(c
         assert m.steps() == [5, 10] and m.verify() == {5: [], 10: []}
 
 
+def test_a_step_linked_in_from_another_run_is_used_and_deleting_it_removes_the_link(
+        ckpt, tmp_path):
+    other = tmp_path / "other"
+    os.mkdir(other)
+    os.symlink(ckpt / "4", other / "4")  # another run's checkpoint, linked in
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1)
+    with CheckpointManager(other, policy) as m:
+        assert m.steps() == [4]
+        assert np.array_equal(m.restore(4)["x"], value(4))
+        m.save(5, {"x": value(5)}, metrics={"val_loss": 0.1})  # replaces 4
+        m.save(6, {"x": value(6)}, metrics={"val_loss": 0.2})
+        assert m.steps() == [5, 6]
+    assert sorted(os.listdir(other)) == ["5", "6", fmt.HISTORY_FILE]
+    with CheckpointManager(ckpt, read_only=True) as m:  # the target is untouched
+        assert m.steps() == [2, 3, 4] and m.verify()[4] == []
+
+
 def test_orbax_metadata_of_the_wrong_shape_sets_aside_that_step_only(ckpt):
     (ckpt / "4" / "_CHECKPOINT_METADATA").write_text(json.dumps([1, 2, 3]))
     with pytest.warns(UserWarning, match="checkpoint 4 .* corrupt"):
