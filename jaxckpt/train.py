@@ -458,6 +458,9 @@ class Trainer:
                                       run.template)
         if manager is not None:
             self._print(f"new run in {manager.directory}: {self._left(run)}", routine=True)
+        elif self.state is not None:  # Keras's fit() would go on from the trained model
+            self._print("new run from fresh weights: without checkpoint=, fit() does not "
+                        "continue the previous fit() (pass checkpoint= to continue a run)")
         return run.placement.init(init_fn, init_args, run.template)
 
     def _left(self, run: "_Run") -> str:
@@ -658,12 +661,17 @@ class Trainer:
         else:
             where = f"saved checkpoint at step {loop.position} in {manager.directory}"
         if reason == _CALLBACK:
-            self._print(f"stop requested by a callback: {where}; fit() again to continue.")
+            then = "fit() again to continue" if manager is not None else (
+                "trainer.state holds the weights, but a new fit() starts over: pass "
+                "checkpoint= to make a stopped run continue")
+            self._print(f"stop requested by a callback: {where}; {then}.")
             return state, True
         run.status = "preempted"
         self.state = state
+        then = "Rerun the same command to resume" if manager is not None else (
+            "nothing can resume this run: pass checkpoint= to fit() to make it resumable")
         self._print(f"{'SIGTERM' if reason == _SIGTERM else 'Ctrl-C'}: {where}; exiting. "
-                    "Rerun the same command to resume.")
+                    f"{then}.")
         raise SystemExit(0 if reason == _SIGTERM else 130)
 
     # -- evaluate and predict --------------------------------------------------------------

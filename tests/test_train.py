@@ -873,3 +873,18 @@ def test_the_early_stop_event_survives_a_rerun_of_the_finished_run(tmp_path):
     again = jaxckpt.Trainer(MLP(), optax.sgd(3.0), quiet=True).fit((x[:448], y[:448]), **args)
     assert again.rows == first.rows
     assert [e["event"] for e in again.events] == ["early_stop", "resume"]
+
+
+def test_without_a_checkpoint_a_stop_and_a_second_fit_say_it_starts_over(capsys):
+    x, y = xy(256)
+    t = quiet_trainer()
+    h = t.fit((x, y), (x[:64], y[:64]), epochs=3, batch_size=64,
+              callbacks=[Recorder(stop_at_epoch=1)])
+    out = capsys.readouterr().out
+    assert len(h.rows) == 1 and "fit() again to continue" not in out
+    assert "nothing saved; trainer.state holds the weights, but a new fit() starts over: " \
+           "pass checkpoint= to make a stopped run continue." in out
+    again = t.fit((x, y), (x[:64], y[:64]), epochs=1, batch_size=64)
+    assert "new run from fresh weights: without checkpoint=, fit() does not continue" in \
+        capsys.readouterr().out
+    assert again.rows[0]["loss"] == h.rows[0]["loss"]  # started over, as it said
