@@ -9,6 +9,7 @@ thread, which owns the catalog.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -95,9 +96,14 @@ def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Ve
     except orbax_io.ArraysCorrupt as e:
         verdict = integrity.Verdict(step, e.problems)
         catalog.set_aside(verdict)
-    except Exception:
-        if catalog.exists(step):
-            raise
-        catalog.forget(step)
-        return None
+    except Exception as e:
+        if not catalog.exists(step):
+            catalog.forget(step)
+            return None
+        # Reported for this step, not raised: one unreadable checkpoint (a leaf type this
+        # Orbax cannot read back, an I/O error) must not hide the verdict on the others.
+        # Set aside like a damaged one (never deleted: a writer moves it aside).
+        verdict = dataclasses.replace(verdict, problems=verdict.problems + (
+            f"state: could not be read ({type(e).__name__}: {str(e)[:300]})",))
+        catalog.set_aside(verdict)
     return verdict

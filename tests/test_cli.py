@@ -221,6 +221,23 @@ def test_verify_names_each_bad_checkpoint(tutorial, tmp_path, capsys):
     assert step_dirs(d) == [45, 50]
 
 
+def test_verify_reports_a_step_it_cannot_read_and_goes_on(tutorial, capsys, monkeypatch):
+    from jaxckpt import orbax_io
+
+    real = orbax_io.restore_state
+
+    def restore_state(step_dir, *args, **kwargs):
+        if step_dir.name == "45":  # as Orbax's read of a leaf type it cannot restore
+            raise ValueError("Unsupported type: <class 'complex'>")
+        return real(step_dir, *args, **kwargs)
+    monkeypatch.setattr(orbax_io, "restore_state", restore_state)
+    assert main(["verify", str(tutorial)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("step 45: CORRUPT: state: could not be read (ValueError: Unsupported "
+                      "type: <class 'complex'>)")
+    assert out[1] == "step 50: ok"
+
+
 def test_verify_unknown_step(tutorial, capsys):
     assert main(["verify", str(tutorial), "--step", "7"]) == 2
     assert "no checkpoint for step 7" in one_error_line(capsys.readouterr().err)
