@@ -84,7 +84,7 @@ def _is_step_dir(path) -> bool:
 
 
 def _open(directory: str, *, read_only: bool = True, monitor: str | None = None,
-          mode: str | None = None):
+          mode: str | None = None, adopt: bool = False):
     """A CheckpointManager on ``directory`` with its stored policy; with ``--monitor``
     (``--mode``), that policy ranked by another metric, its keep counts unchanged (a
     directory plain Orbax wrote stores no monitor)."""
@@ -93,6 +93,11 @@ def _open(directory: str, *, read_only: bool = True, monitor: str | None = None,
 
     if monitor is None and mode is not None:
         raise CliError("--mode needs --monitor NAME (the metric it ranks).")
+    if adopt and not read_only:  # checkpoints plain Orbax wrote store no policy
+        from jaxckpt.policy import CheckpointPolicy
+        return CheckpointManager(path, CheckpointPolicy(
+            monitor=monitor, mode=mode or "auto", keep_best=1 if monitor else 0,
+            keep_latest=1), adopt=True)
     mngr = CheckpointManager(path, None, read_only=read_only)
     if monitor is None:
         return mngr
@@ -507,14 +512,14 @@ def cmd_prune(args) -> int:
     # a dry run only reads.
     from jaxckpt.errors import CheckpointDirectoryError
     try:
-        mngr = _open(args.directory, read_only=args.dry_run)
+        mngr = _open(args.directory, read_only=args.dry_run, monitor=args.monitor,
+                     mode=args.mode, adopt=args.adopt)
     except CheckpointDirectoryError as e:
         if "plain Orbax" not in str(e):
             raise
-        raise CliError(f"{e} jaxckpt prune never adopts checkpoints it did not write; "
-                       "--dry-run shows what a policy would keep. To let jaxckpt keep or "
-                       "delete them, open the directory once from Python with "
-                       "jaxckpt.CheckpointManager(DIR, policy=..., adopt=True).") from None
+        raise CliError(f"{e} jaxckpt prune deletes checkpoints it did not write only when "
+                       "told: --dry-run shows what it would keep; add --adopt (with --monitor "
+                       "NAME to keep the best by that metric) to prune them.") from None
     with mngr:
         # Checksums first: a corrupt copy must never be kept in place of a good one.
         corrupt = _corrupt(_verdicts(mngr))
@@ -714,6 +719,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="delete nothing; explain for each checkpoint why it would be kept or "
                         "deleted")
+    p.add_argument("--adopt", action="store_true",
+                   help="also prune checkpoints plain Orbax wrote (never without this); "
+                        "rank them with --monitor")
+    ranking(p)
 
     p = command("demo", "Run the seven-step digits example: train a small CNN keeping the "
                 "best epoch by val_loss and the latest, then evaluate the best model. Run it "

@@ -411,9 +411,26 @@ def test_prune_of_a_directory_plain_orbax_wrote_names_the_fix_a_cli_user_can_app
     before = snapshot(tmp_path / "orbax")
     assert main(["prune", str(tmp_path / "orbax"), "--keep-latest", "1"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "written by plain Orbax" in line and "adopt=True" in line
-    assert "never adopts" in line and "--dry-run" in line
+    assert "written by plain Orbax" in line and "--dry-run" in line and "--adopt" in line
     assert snapshot(tmp_path / "orbax") == before
+    # The advice works as given: --adopt prunes them.
+    assert main(["prune", str(tmp_path / "orbax"), "--keep-latest", "1", "--adopt"]) == 0
+    assert "deleted 2 of 3 checkpoint(s)" in capsys.readouterr().out
+    assert step_dirs(tmp_path / "orbax") == [3]
+
+
+def test_prune_adopt_keeps_the_best_of_orbax_metrics_by_monitor(tmp_path, capsys):
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["val_loss"], best_mode="min")
+    with ocp.CheckpointManager(tmp_path / "orbax", options=options) as m:
+        for step, loss in ((1, 0.5), (2, 0.2), (3, 0.4), (4, 0.6)):
+            m.save(step, args=ocp.args.StandardSave({"w": np.full(4, step, np.float32)}),
+                   metrics={"val_loss": loss})
+    assert main(["prune", str(tmp_path / "orbax"), "--keep-best", "1", "--keep-latest", "1",
+                 "--adopt", "--monitor", "val_loss"]) == 0
+    assert step_dirs(tmp_path / "orbax") == [2, 4]
 
 
 def test_read_only_commands_change_nothing(tutorial, tmp_path, capsys):
