@@ -294,6 +294,7 @@ class CheckpointManager:
                     self._dirlock.release()
 
     def __enter__(self) -> "CheckpointManager":
+        self._check_open()  # a closed manager fails here, not at the first call inside
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -540,6 +540,19 @@ def test_a_write_past_its_deadline_in_a_multi_process_job_points_at_every_log(
         assert m.steps() == [1, 2] and m.verify() == {1: [], 2: []}
 
 
+def test_a_closed_manager_refuses_a_with_block_and_every_call(tmp_path):
+    m = CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1))
+    m.save(1, {"x": jnp.arange(3.0)})
+    m.close()
+    m.close()  # twice is harmless
+    with pytest.raises(RuntimeError, match="is closed; open a new one"):
+        with m:
+            raise AssertionError("the block ran")
+    for call in (lambda: m.save(2, {"x": jnp.arange(3.0)}), m.wait, lambda: m.restore(1)):
+        with pytest.raises(RuntimeError, match="is closed; open a new one"):
+            call()
+
+
 def test_relative_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with CheckpointManager("runs/ckpt") as m:
