@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-from jaxckpt.policy import metric_mode
+from jaxckpt.policy import Objective, metric_mode
 
 __all__ = ["History"]
 
@@ -33,7 +33,9 @@ class History:
     """Per-epoch metrics (``rows``) and notable events (resume, rollback, early stop).
 
     ``rows[i]`` is ``{"epoch": i + 1, "loss": ..., "accuracy": ..., "val_loss": ..., ...}``.
-    ``monitor`` names the metric that picks the best epoch (``val_loss`` by default).
+    ``monitor`` names the metric that picks the best epoch (``val_loss`` by default);
+    ``mode``, ``min_delta`` and ``threshold`` judge it as the checkpoint policy (or early
+    stopping) of the run does, so the table's best epoch is the best checkpoint's.
     """
 
     rows: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -41,6 +43,8 @@ class History:
     monitor: str | None = "val_loss"
     mode: str = "auto"
     directory: str | None = None  # the run's checkpoint directory, for plot titles
+    min_delta: float = 0.0
+    threshold: float | None = None
 
     # -- access --------------------------------------------------------------------------
 
@@ -61,19 +65,23 @@ class History:
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch with the best finite monitored value (the first one on ties); None
-        when the mode is ``"auto"`` and the name says no direction (never guessed)."""
+        """The head of the improvement chain: the last epoch that beat the best before it
+        by more than ``min_delta`` (and ``threshold``, if set), as a checkpoint policy's
+        best; NaN is never best. None when the mode is ``"auto"`` and the name says no
+        direction (never guessed)."""
         if not self.monitor:
             return None
         mode = self.mode if self.mode in ("min", "max") else metric_mode(self.monitor)
         if mode is None:
             return None
-        scored = [(r[self.monitor], int(r["epoch"])) for r in self.rows
-                  if self.monitor in r and math.isfinite(r[self.monitor])]
-        if not scored:
-            return None
-        sign = 1.0 if mode == "min" else -1.0
-        return min(scored, key=lambda t: (sign * t[0], t[1]))[1]
+        objective = Objective(self.monitor, mode, self.min_delta, self.threshold)
+        best: tuple[float, int] | None = None
+        for row in self.rows:
+            value = row.get(self.monitor)
+            if value is not None and objective.improves(float(value),
+                                                        best[0] if best else None):
+                best = (float(value), int(row["epoch"]))
+        return best[1] if best else None
 
     # -- export --------------------------------------------------------------------------
 
@@ -89,7 +97,8 @@ class History:
         """Strict JSON (non-finite metrics as strings, see :func:`json_number`)."""
         return {"rows": [{k: json_number(v) for k, v in r.items()} for r in self.rows],
                 "events": self.events, "monitor": self.monitor, "mode": self.mode,
-                "directory": self.directory}
+                "directory": self.directory, "min_delta": self.min_delta,
+                "threshold": self.threshold}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "History":
@@ -97,7 +106,8 @@ class History:
                          for r in data.get("rows", [])],
                    events=[dict(e) for e in data.get("events", [])],
                    monitor=data.get("monitor"), mode=data.get("mode", "auto"),
-                   directory=data.get("directory"))
+                   directory=data.get("directory"), min_delta=data.get("min_delta", 0.0),
+                   threshold=data.get("threshold"))
 
     def to_csv(self, path) -> None:
         """One row per epoch, one column per metric."""

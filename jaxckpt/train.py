@@ -400,10 +400,10 @@ class Trainer:
                        early_stopping=early_stopping, callbacks=CallbackList(callbacks))
             history = run.loop.history
             if early_stopping is not None:
-                history.monitor, history.mode = early_stopping.monitor, early_stopping.mode
+                _judge_like(history, early_stopping.objective)
                 run.loop.early_stopping = early_stopping
             elif manager is not None and manager.policy.monitor:
-                history.monitor, history.mode = manager.policy.monitor, manager.policy.mode
+                _judge_like(history, manager.policy.objective)
             state = self._start(run, plan, init_fn, init_args, seed)
             if manager is not None:
                 run.loop.history.directory = str(manager.directory)
@@ -1228,6 +1228,13 @@ def _open_manager(checkpoint, policy, monitor):
     policy = policy or CheckpointPolicy(monitor=monitor, keep_best=1, keep_latest=1,
                                         every_n_epochs=1)
     return CheckpointManager(checkpoint, policy), True
+
+
+def _judge_like(history: History, objective) -> None:
+    """The history's best epoch judged as ``objective`` judges (early stopping's, or the
+    checkpoint policy's best)."""
+    history.monitor, history.mode = objective.monitor, objective.mode
+    history.min_delta, history.threshold = objective.min_delta, objective.threshold
 
 
 def _saves_mid_epoch(manager: CheckpointManager | None) -> bool:

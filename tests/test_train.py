@@ -888,3 +888,29 @@ def test_without_a_checkpoint_a_stop_and_a_second_fit_say_it_starts_over(capsys)
     assert "new run from fresh weights: without checkpoint=, fit() does not continue" in \
         capsys.readouterr().out
     assert again.rows[0]["loss"] == h.rows[0]["loss"]  # started over, as it said
+
+
+@pytest.mark.parametrize("values,judge,best", [
+    ([1.0, 0.7, 0.6], dict(min_delta=0.15), 2),    # 0.6 beats 0.7 by less than min_delta
+    ([1.0, 0.7, 0.6], dict(), 3),
+    ([1.0, 0.7, 0.7], dict(), 2),                  # ties: the first
+    ([1.0, float("nan"), 0.9], dict(threshold=0.95), 3),
+    ([1.0, 0.99], dict(threshold=0.5), None)])
+def test_history_best_epoch_judges_as_the_policy_does(values, judge, best):
+    rows = [{"epoch": e, "val_loss": v} for e, v in enumerate(values, 1)]
+    h = jaxckpt.History(rows=rows, monitor="val_loss", mode="min", **judge)
+    assert h.best_epoch == best
+    assert jaxckpt.History.from_json(json.loads(json.dumps(h.to_json()))).best_epoch == best
+
+
+def test_the_tables_best_epoch_is_the_best_checkpoints_with_min_delta(tmp_path):
+    x, y = xy()
+    policy = jaxckpt.CheckpointPolicy(monitor="val_loss", min_delta=0.2)
+    t = jaxckpt.Trainer(MLP(), optax.adam(3e-3), quiet=True)
+    h = t.fit((x[:384], y[:384]), (x[384:], y[384:]), epochs=6, batch_size=64,
+              checkpoint=tmp_path, policy=policy)
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        best_epoch = m.restore_checkpoint("best").epoch
+    losses = h.metric("val_loss")
+    assert best_epoch != losses.index(min(losses)) + 1  # min_delta decided, not the minimum
+    assert h.best_epoch == best_epoch and f"best val_loss: epoch {best_epoch}" in str(h)
