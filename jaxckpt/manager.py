@@ -27,6 +27,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
@@ -220,8 +221,19 @@ class CheckpointManager:
         return self._writer is not None and self._writer.agreed_due(step, epoch, self._clock())[0]
 
     def reached_preemption(self, step: int) -> bool:
-        """Whether a preemption signal reached this job (every process agrees), as Orbax's."""
-        return bool(self._writer.ocp.reached_preemption(step)) if self._writer else False
+        """Whether a preemption signal reached this job (every process agrees).
+
+        In a multi-process job, Orbax's answer (JAX's preemption sync point: every process
+        answers True at the same step). A single process has no such point, and Orbax's
+        answer there is always False: its first call records SIGTERM from then on (the
+        handler already installed, if any, still runs; the default one, which ends the
+        process at once, does not), and it returns True once one came.
+        """
+        if self._writer is None:
+            return False
+        if orbax_io.process_count() > 1:
+            return bool(self._writer.ocp.reached_preemption(step))
+        return _SIGTERM.received() or bool(self._writer.ocp.reached_preemption(step))
 
     def save(self, step: int, state: Any, metrics: Mapping[str, Any] | None = None,
              data_state: Any = None, *, epoch: int | None = None, force: bool = False) -> bool:
@@ -438,3 +450,33 @@ def _close_forgotten() -> None:
 # a pending save needs them, and plain atexit hooks run only after they are shut down.
 # threading's own exit hooks run first (CPython; concurrent.futures relies on the same).
 getattr(threading, "_register_atexit", atexit.register)(_close_forgotten)
+
+
+class _Sigterm:
+    """SIGTERM, recorded from the first ``reached_preemption`` call of a single process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watching = False
+        self._got = threading.Event()
+
+    def received(self) -> bool:
+        if not self._watching:
+            self._watch()
+        return self._got.is_set()
+
+    def _watch(self) -> None:
+        with self._lock:
+            if self._watching or threading.current_thread() is not threading.main_thread():
+                return  # Python takes signal handlers on the main thread only
+            before = signal.getsignal(signal.SIGTERM)
+
+            def record(signum, frame):
+                self._got.set()
+                if callable(before):
+                    before(signum, frame)
+            signal.signal(signal.SIGTERM, record)
+            self._watching = True
+
+
+_SIGTERM = _Sigterm()

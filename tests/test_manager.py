@@ -553,6 +553,29 @@ def test_a_closed_manager_refuses_a_with_block_and_every_call(tmp_path):
             call()
 
 
+def test_reached_preemption_sees_sigterm_in_a_single_process(tmp_path):
+    # Orbax's answer needs JAX's preemption sync point (jax.distributed): alone it is
+    # always False, and the default SIGTERM action ended the run with nothing saved.
+    code = textwrap.dedent(f"""
+        import os, signal, jax.numpy as jnp, jaxckpt
+        with jaxckpt.CheckpointManager({str(tmp_path)!r},
+                                       jaxckpt.CheckpointPolicy(every_n_steps=1000)) as m:
+            for step in range(1, 100):
+                if step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would
+                if m.reached_preemption(step):
+                    m.save(step, {{"x": jnp.full(3, step)}}, force=True)
+                    print("PREEMPTED AT", step)
+                    break
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PREEMPTED AT 5" in out.stdout
+    with CheckpointManager(tmp_path, read_only=True) as m:
+        assert m.steps() == [5] and np.array_equal(m.restore(5)["x"], np.full(3, 5))
+
+
 def test_relative_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with CheckpointManager("runs/ckpt") as m:
