@@ -185,3 +185,30 @@ def test_restore_or_init_never_restarts_silently(tmp_path):
         assert mngr.latest_step() is None
         with pytest.raises(jaxckpt.CheckpointCorruptError, match="no checkpoint .* verifies"):
             jaxckpt.restore_or_init(mngr, lambda: {"w": jnp.ones(3)})
+
+
+def nnx_own_loop_example() -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split("<!-- nnx-own-loop-example")[1].split("```python\n")[1].split("```")[0]
+
+
+def test_the_readme_nnx_loop_resumes_bitwise(tmp_path):
+    code = nnx_own_loop_example()
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    runs = [(straight, code), (resumed, code.replace("range(start + 1, 201)",
+                                                     "range(start + 1, 101)")), (resumed, code)]
+    outs = []
+    for d, script in runs:
+        out = subprocess.run([sys.executable, "-c", script.replace("/tmp/nnx-loop", str(d))],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs.append(out.stdout)
+    assert "trained from step 100 to 200" in outs[2]
+    with jaxckpt.CheckpointManager(straight / "checkpoints", read_only=True) as a, \
+            jaxckpt.CheckpointManager(resumed / "checkpoints", read_only=True) as b:
+        assert a.steps() == b.steps() == [200]
+        first, second = a.restore(200), b.restore(200)
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
