@@ -483,7 +483,14 @@ def _shape_problem(path: str, x: Any, meta: Any) -> str | None:
         return f"  {path}: checkpoint holds a {type(meta).__name__}, not an array"
     shape = _expected(x)[0]
     if tuple(meta.shape) != shape:
-        return f"  {path}: checkpoint shape {tuple(meta.shape)}, target shape {shape}"
+        line = f"  {path}: checkpoint shape {tuple(meta.shape)}, target shape {shape}"
+        if is_prng_key(x) and tuple(meta.shape[:-1]) == shape[:-1]:
+            impl = key_impl(x)
+            line += (f" (the key data of a typed PRNG key: the target's impl "
+                     f"{str(getattr(impl, 'name', impl))!r} has {shape[-1]} words per key, "
+                     f"the saved key {meta.shape[-1]}; build the target's key with the saved "
+                     "impl, e.g. jax.random.key(0, impl='rbg'))")
+        return line
     return None
 
 

@@ -262,6 +262,17 @@ def test_restore_gives_back_the_targets_pytree(tmp_path, kind):
     assert_same_pytree(out, target, saved)
 
 
+def test_a_key_of_another_prng_impl_is_named_as_such(tmp_path):
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"k": jax.random.key(0, impl="rbg")})
+        with pytest.raises(RestoreStructureError, match=r"k: checkpoint shape \(4,\), target "
+                           r"shape \(2,\) \(the key data of a typed PRNG key: the target's "
+                           r"impl 'threefry2x32' has 2 words per key, the saved key 4"):
+            m.restore(1, target={"k": jax.random.key(0)})
+        assert jax.random.key_impl(m.restore(1, target={"k": jax.random.key(
+            0, impl="rbg")})["k"]) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+
+
 def test_numpy_scalars_keep_their_dtype_without_a_target(tmp_path):
     saved, _ = case_numpy_scalars()
     with CheckpointManager(tmp_path) as m:
