@@ -485,7 +485,8 @@ def plan_prune(records, sizes: dict[int, int], policy, max_bytes: int | None
         if policy.keep_best:
             parts.append(f"not among the best {policy.keep_best} by {policy.monitor} " + (
                 f"(ranks #{value_rank[record.step]}, {record.value:.4g})"
-                if record.step in value_rank else f"(no finite {policy.monitor})"))
+                if record.step in value_rank else f"(no finite {policy.monitor})"
+                if record.has_metrics else f"(saved without {policy.monitor})"))
         parts.append(f"not among the latest {policy.keep_latest}" if policy.keep_latest
                      else "--keep-latest 0")
         decisions[record.step] = {"keep": False, "why": "; ".join(parts)}

@@ -132,8 +132,11 @@ class Writer:
                 f"{self.directory}. Steps must increase: resume from restore('latest') and "
                 "continue its step count, or save into a new directory.")
         if value is not None and not math.isfinite(value):
-            warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: the "
-                          "checkpoint can be kept as latest but never as best.", stacklevel=3)
+            kept = ("it can be kept as latest, never as best" if self.policy.keep_latest
+                    else "it is never best, and with keep_latest=0 it is not written unless "
+                    "forced")
+            warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: "
+                          f"{kept}.", stacklevel=3)
             value = None
         self.auto.observe_call(step)
         due, now = self.agreed_due(step, epoch, now)
@@ -150,9 +153,9 @@ class Writer:
         started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
         if self.policy.monitor and metrics is None and not force and not self._warned:
             self._warned = True
-            log.warning("save(step=%d) without metrics: a checkpoint saved without %r can be "
-                        "kept as latest, never best (reported once per manager).",
-                        step, self.policy.monitor)
+            log.warning("save(step=%d) without metrics: a checkpoint saved without %r is "
+                        "never best%s (reported once per manager).", step, self.policy.monitor,
+                        "; it can be kept as latest" if self.policy.keep_latest else "")
         self.finish_pending()  # Orbax writes one checkpoint at a time; raises a failed one
         self.move_corrupt_aside()
         self.ledger.record(Entry(step, metrics, epoch, now, True))

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import matplotlib.image
 import pytest
 
@@ -284,6 +285,20 @@ def test_prune_dry_run_explains_and_deletes_nothing(wide, capsys):
         assert f"not among the best 1 by val_loss (ranks #{rank}" in decisions[step]
         assert "not among the latest 1" in decisions[step]
     assert "would delete 4 of 6 checkpoint(s)" in out
+
+
+def test_prune_says_a_step_saved_without_metrics_has_none(tmp_path, capsys):
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=3)
+    with CheckpointManager(tmp_path, policy) as m:
+        m.save(1, {"x": jnp.ones(2)}, metrics={"val_loss": 0.5})
+        m.save(2, {"x": jnp.ones(2)})  # mid-epoch, no metrics
+        m.save(3, {"x": jnp.ones(2)}, metrics={"val_loss": float("nan")})
+        m.save(4, {"x": jnp.ones(2)}, metrics={"val_loss": 0.7})
+    assert main(["prune", str(tmp_path), "--keep-best", "1", "--keep-latest", "1",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2" in out and "(saved without val_loss)" in out
+    assert "(no finite val_loss)" in out  # step 3's NaN
 
 
 def test_prune_deletes_through_the_manager(wide, capsys):

@@ -345,6 +345,16 @@ def test_nan_metric_is_latest_never_best(tmp_path):
         assert (m.best_step(), m.steps()) == (45, [45, 52])
 
 
+def test_a_nan_metric_with_keep_latest_zero_is_said_not_to_be_written(tmp_path):
+    policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=0)
+    with CheckpointManager(tmp_path, policy) as m:
+        assert m.save(1, {"x": jnp.ones(2)}, metrics={"val_loss": 0.5})
+        with pytest.warns(UserWarning, match=r"not finite: it is never best, and with "
+                                             r"keep_latest=0 it is not written unless forced"):
+            assert not m.save(2, {"x": jnp.ones(2)}, metrics={"val_loss": float("nan")})
+        assert m.steps() == [1]
+
+
 def test_save_without_metrics_is_latest_never_best_and_warns_once(tmp_path, caplog):
     policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1)
     with CheckpointManager(tmp_path, policy) as m:
