@@ -285,13 +285,15 @@ def cmd_ls(args) -> int:
     with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         rows = _checkpoints(mngr, checksums=not args.quick)
         policy = mngr.policy
+        ignored = _ignored(mngr)
         summary = {"directory": str(mngr.directory), "monitor": policy.monitor,
                    "mode": policy.resolved_mode if policy.monitor else None,
                    "keep_best": policy.keep_best, "keep_latest": policy.keep_latest,
                    "best_step": mngr.best_step(), "latest_step": mngr.latest_step(),
                    "best_path": _path_or_none(mngr, mngr.best_step()),
                    "latest_path": _path_or_none(mngr, mngr.latest_step()),
-                   "checksums": not args.quick, "checkpoints": rows}
+                   "checksums": not args.quick, "checkpoints": rows,
+                   "ignored": [{"step": s, "why": why} for s, why in ignored.items()]}
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
@@ -302,6 +304,7 @@ def cmd_ls(args) -> int:
              + (f", {len(bad)} CORRUPT" if bad else ""))
     if not rows:
         print(f"{title}\n(no checkpoints)")
+        _print_ignored(ignored)
         return EXIT_OK
     names = _metric_order(_metric_names([r["metrics"] for r in rows]), policy.monitor)
     headers = (["step", "epoch"] + names +
@@ -318,7 +321,25 @@ def cmd_ls(args) -> int:
         print(_table(headers, cells, right))
     for r in bad:
         print(f"step {r['step']} is corrupt: {'; '.join(r['problems'])}")
+    _print_ignored(ignored)
     return EXIT_OK
+
+
+def _ignored(mngr) -> dict[int, str]:
+    """Entries named like a step that are not checkpoints (a file, an empty directory, a
+    half-copied step): never listed, restored, moved or deleted, but worth a line."""
+    out = {}
+    for step, v in mngr.verdicts().items():
+        if v.incomplete:
+            why = "; ".join(p.removeprefix(".: ") for p in v.problems) or "incomplete"
+            out[step] = why + ("; the next writer removes it (an unfinished jaxckpt step)"
+                               if v.writer == "jaxckpt" else "; jaxckpt leaves it alone")
+    return out
+
+
+def _print_ignored(ignored: dict[int, str]) -> None:
+    for step, why in ignored.items():
+        print(f"ignored: {step} is not a checkpoint ({why})")
 
 
 def _path_or_none(mngr, step: int | None) -> str | None:
@@ -397,6 +418,7 @@ def cmd_verify(args) -> int:
     with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         checked = mngr.verify(args.step)  # names an unknown step itself
         verdicts = {s: v for s, v in mngr.verdicts().items() if s in checked}
+        ignored = _ignored(mngr) if args.step is None else {}
         directory = mngr.directory
     if not verdicts:
         raise CliError(f"no checkpoints in {directory} to verify.")
@@ -404,6 +426,7 @@ def cmd_verify(args) -> int:
         status = _status(verdict)
         print(f"step {step}: " + ("ok" if status == "ok" else (
             "CORRUPT: " if status == "corrupt" else "") + verdict.describe()))
+    _print_ignored(ignored)
     bad = sorted(_corrupt(verdicts))
     problems = verdicts
     if bad:

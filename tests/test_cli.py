@@ -287,6 +287,24 @@ def test_prune_dry_run_explains_and_deletes_nothing(wide, capsys):
     assert "would delete 4 of 6 checkpoint(s)" in out
 
 
+def test_ls_and_verify_name_what_is_named_like_a_step_but_ignored(tutorial, tmp_path,
+                                                                   capsys):
+    d = shutil.copytree(tutorial, tmp_path / "c")
+    (d / "7").mkdir()
+    (d / "8").write_text("notes")
+    assert main(["ls", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "2 checkpoints" in out
+    assert "ignored: 7 is not a checkpoint (" in out
+    assert "ignored: 8 is not a checkpoint (a file, not a checkpoint directory; jaxckpt " \
+           "leaves it alone)" in out
+    assert main(["ls", str(d), "--json"]) == 0
+    assert [i["step"] for i in json.loads(capsys.readouterr().out)["ignored"]] == [7, 8]
+    assert main(["verify", str(d)]) == 0
+    assert "ignored: 8 is not a checkpoint" in capsys.readouterr().out
+    assert (d / "7").is_dir() and (d / "8").read_text() == "notes"
+
+
 def test_prune_says_a_step_saved_without_metrics_has_none(tmp_path, capsys):
     policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=3)
     with CheckpointManager(tmp_path, policy) as m:
