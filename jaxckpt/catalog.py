@@ -188,7 +188,11 @@ class Catalog:
             return self._orbax_meta(step)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return {}
-        return meta if not fmt.validate_meta(meta, step) else {}
+        if not fmt.validate_meta(meta, step):
+            return meta
+        # A plain Orbax save with a JSON item of its own named "meta": Orbax's records.
+        ours = isinstance(meta, dict) and meta.get("format") == fmt.META_FORMAT
+        return {} if ours else self._orbax_meta(step)
 
     def _orbax_meta(self, step: int) -> dict:
         """What plain Orbax stored: the metrics (its metrics item, else its step

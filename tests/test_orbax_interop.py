@@ -499,3 +499,22 @@ def test_checkpoint_path_names_the_best_and_latest_directories(tmp_path):
     write_orbax(orbax_dir, "standard", True)
     with CheckpointManager(orbax_dir, POLICY, read_only=True) as mngr:
         assert mngr.checkpoint_path("best") == orbax_dir / "20"
+
+
+def test_an_orbax_json_item_named_meta_leaves_orbax_metrics_readable(tmp_path):
+    # Plain Orbax with its own JSON item "meta": not jaxckpt's record, so Orbax's metrics
+    # (best_fn) and commit time are read, as for any other plain Orbax save.
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["val_loss"], best_mode="min")
+    with ocp.CheckpointManager(tmp_path, options=options) as m:
+        for step, loss in ((1, 0.3), (2, 0.1), (3, 0.2)):
+            m.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"w": np.full(3, step, np.float32)}),
+                meta=ocp.args.JsonSave({"note": "my run", "step": step})),
+                metrics={"val_loss": loss})
+    policy = CheckpointPolicy(monitor="val_loss", mode="min")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "written by plain Orbax, no manifest"
+        with CheckpointManager(tmp_path, policy, read_only=True) as m:
+            assert m.best_step() == 2 and m.metrics(2) == {"val_loss": 0.1}
+            assert [h["metrics"] for h in m.history()] == [{"val_loss": v} for v in (0.3, 0.1, 0.2)]
+            assert np.array_equal(m.restore("best")["w"], np.full(3, 2, np.float32))
