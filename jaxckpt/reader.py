@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from jaxckpt import integrity, orbax_io
+from jaxckpt import integrity, orbax_io, storage
 from jaxckpt.catalog import Catalog, Which
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 
@@ -100,6 +100,8 @@ def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Ve
         if not catalog.exists(step):
             catalog.forget(step)
             return None
+        if isinstance(e, (MemoryError, storage.StorageTimeoutError)):
+            raise  # this machine's trouble, not the checkpoint's
         # Reported for this step, not raised: one unreadable checkpoint (a leaf type this
         # Orbax cannot read back, an I/O error) must not hide the verdict on the others.
         # Set aside like a damaged one (never deleted: a writer moves it aside).
