@@ -145,6 +145,7 @@ class Trainer:
         self._signals = _Signals()
         self._placements: dict[tuple, _Placement] = {}
         self._compiled: dict[tuple, Callable] = {}  # evaluate()/predict() reuse compilations
+        self._checked: set[tuple] = set()  # shapes _check_outputs has passed
 
     # -- model plumbing ------------------------------------------------------------------
 
@@ -322,12 +323,17 @@ class Trainer:
             ``grain.MapDataset`` / random-access source of example dicts (see
             :func:`jaxckpt.data.as_dataset`).
           epochs: total epochs (a resumed run trains only what is left).
-          batch_size: global batch size (split over processes and devices).
+          batch_size: global batch size (split over processes and devices), at most the
+            number of training examples. An epoch is its full batches: the last partial
+            batch is dropped (``N % batch_size`` examples, different ones each epoch as the
+            data are reshuffled), so every step has the compiled shape; the start-up line
+            says how many.
           checkpoint: a directory, or a :class:`CheckpointManager` you own (``fit`` waits
             for its writes but never closes it; a directory's manager is closed).
           policy: the checkpoint policy when ``checkpoint`` is a directory; default keeps
             the best by ``val_loss`` (``loss`` without validation data) and the latest,
-            saving every epoch.
+            saving every epoch; with ``early_stopping`` that restores best weights, the
+            best as early stopping judges it (so a rerun restores that epoch too).
           early_stopping: an :class:`EarlyStopping`, or None.
           resume: ``"auto"`` (continue from the latest checkpoint in ``checkpoint`` if
             there is one, else start), ``"never"`` (start; refuse a directory that already
@@ -347,7 +353,12 @@ class Trainer:
         Raises:
           MetricError: a checkpoint policy or early stopping monitors a metric this Trainer
             does not produce (before any training; the message lists what it produces).
-          ValueError: the data lack ``input_key``/``label_key`` (names the keys they have).
+          ValueError: the data lack ``input_key``/``label_key`` (names the keys they have);
+            ``batch_size`` exceeds the training examples; ``metrics`` hold accuracy for
+            outputs that are not class logits (a regression: pass ``metrics=()``); the loss
+            or a metric is not per example (labels ``[B]`` broadcast against outputs
+            ``[B, 1]``); the checkpoint directory's run has another model or optimizer
+            (``RestoreStructureError``).
           SystemExit: after SIGTERM (status 0) or Ctrl-C (130), once the checkpoint is saved.
         """
         _check_counts(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -371,6 +382,7 @@ class Trainer:
                 raise ValueError(f"batch_size {batch_size} must split evenly over {nproc} "
                                  "processes.")
             local_bs = batch_size // nproc
+            _check_batch_fits(len(train_ds), batch_size, nproc)
             steps_per_epoch = data_lib.num_batches(train_ds, local_bs, shard_count=nproc)
             total_steps = epochs * steps_per_epoch
             if max_steps is not None:
@@ -379,12 +391,13 @@ class Trainer:
             first = jax.tree.map(lambda v: np.asarray(v)[None], self._select(example))
             init_fn, init_args = self._init_fn(first, seed)
             template = jax.eval_shape(init_fn, *init_args)  # shapes only: nothing allocated
+            self._check_outputs(template, example, batch_size)
             names = self._produced_names(template, first, val_ds is not None)
             monitor = "val_loss" if val_ds is not None else "loss"
             policy_monitor = (checkpoint.policy.monitor if isinstance(checkpoint, CheckpointManager)
                               else (policy.monitor if policy is not None else None))
             _check_monitors(names, val_ds is not None, policy_monitor, early_stopping)
-            manager, own_manager = _open_manager(checkpoint, policy, monitor)
+            manager, own_manager = _open_manager(checkpoint, policy, monitor, early_stopping)
             plan = _resume_plan(resume, manager)
             placement = self._placement()
             make_iter = lambda: data_lib.batches(  # noqa: E731 - the one pipeline, rebuilt on rollback
@@ -397,7 +410,8 @@ class Trainer:
                        iterator=make_iter(), steps_per_epoch=steps_per_epoch, epochs=epochs,
                        total_steps=total_steps, val_ds=val_ds,
                        eval_batch_size=eval_batch_size or batch_size,
-                       early_stopping=early_stopping, callbacks=CallbackList(callbacks))
+                       early_stopping=early_stopping, callbacks=CallbackList(callbacks),
+                       dropped=len(train_ds) - steps_per_epoch * batch_size)
             history = run.loop.history
             if early_stopping is not None:
                 _judge_like(history, early_stopping.objective)
@@ -431,8 +445,11 @@ class Trainer:
         kind, which = plan
         manager, loop = run.manager, run.loop
         if kind == "continue":
-            ckpt = manager.restore_checkpoint(
-                which, target=run.placement.restore_target(run.template))
+            try:
+                ckpt = manager.restore_checkpoint(
+                    which, target=run.placement.restore_target(run.template))
+            except RestoreStructureError as e:
+                raise _another_run_error(manager.directory, run.template, e) from e
             _check_same_epochs(ckpt.data_state, loop.shape, manager.directory)
             restored = loop.from_json(ckpt.data_state, run.iterator)
             what = ["params", "optimizer state", "step", "RNG", "extras"]
@@ -456,6 +473,11 @@ class Trainer:
                         f"step, RNG and history start fresh; {self._left(run)}")
             return run.placement.init(_fresh_fn(run.template, seed), (params, extras),
                                       run.template)
+        if run.dropped:
+            n = run.loop.shape["examples"]
+            self._print(f"each epoch trains on {n - run.dropped} of the {n} training examples: "
+                        f"its last partial batch ({run.dropped}, others each epoch as the data "
+                        "are reshuffled) is dropped", routine=True)
         if manager is not None:
             self._print(f"new run in {manager.directory}: {self._left(run)}", routine=True)
         elif self.state is not None:  # Keras's fit() would go on from the trained model
@@ -504,8 +526,7 @@ class Trainer:
                 state, stop = self._stop_point(run, state, candidate=True)
             es = run.early_stopping
             if es and es.restore_best_weights and loop.es_best_epoch:
-                state = self._restore_best(state, run.template, run.manager, run.placement,
-                                           run.best_copy, loop, es)
+                state = self._restore_best(run, state)
             run.status = "stopped" if (loop.stopped or self.stop_training) else "finished"
             return state
         finally:
@@ -687,6 +708,7 @@ class Trainer:
         data_lib.check_keys(ds[0], self.input_key, self.label_key)
         self._check_labels(ds[0])
         state = self._given_state(state)
+        self._check_outputs(state, ds[0], batch_size)
         placement = self._placement()
         step = self._compiled_step("eval", placement, _abstract(state))
         return self._evaluate(ds, batch_size, placement.place(state), placement, step)
@@ -760,6 +782,45 @@ class Trainer:
             "example, but the default loss (optax.softmax_cross_entropy_with_integer_labels) "
             f"takes one integer class id per example: cast class ids to int32{fix}.")
 
+    def _check_outputs(self, state: Any, example: Mapping[str, Any], rows: int) -> None:
+        """Trace (never compile) the model, the loss and the metrics on an abstract batch of
+        ``rows`` examples, and refuse what would train or report nonsense without failing:
+        accuracy of a one-output model or of regression targets (always 1.0, or noise), and
+        a loss whose labels broadcast against the outputs into ``[B, B]``. Once per shapes."""
+        if self.step_fn is not None:
+            return
+        label = np.asarray(example[self.label_key])
+        key = (_shape_key(state), _shape_key(dict(self._select(example))), rows)
+        if key in self._checked:
+            return
+        batch = {k: jax.ShapeDtypeStruct((rows, *np.shape(v)), jax.dtypes.canonicalize_dtype(
+            np.asarray(v).dtype)) for k, v in self._select(example).items()}
+        outputs = jax.eval_shape(self._forward, state, batch[self.input_key])
+        labels = batch[self.label_key]
+        fns = {"loss_fn": self.per_example_loss}
+        for name, fn in self.metric_fns.items():
+            if fn is accuracy and hasattr(outputs, "shape"):
+                problem = _accuracy_problem(tuple(outputs.shape[1:]), label)
+                if problem:
+                    raise ValueError(
+                        f"metric {name!r} needs class logits and class labels, but {problem}. "
+                        "For a regression pass Trainer(metrics=()) (or metrics={name: fn} of "
+                        "your own); for a classification give the model one output per class "
+                        "and a classification loss (the default, for integer class ids, or "
+                        "optax.softmax_cross_entropy for one-hot labels).")
+            elif fn is not accuracy:
+                fns[f"metric {name!r}"] = fn
+        for who, fn in fns.items():
+            values = jax.eval_shape(fn, outputs, labels)
+            problem = _per_example_problem(tuple(np.shape(values)), rows, labels.shape,
+                                           getattr(outputs, "shape", None))
+            if problem:
+                raise ValueError(f"{who} returns shape {tuple(np.shape(values))} for a batch "
+                                 f"of {rows} examples with outputs "
+                                 f"{tuple(getattr(outputs, 'shape', ()))} and labels "
+                                 f"{tuple(labels.shape)}: {problem}")
+        self._checked.add(key)
+
     def _nonfinite(self, run: "_Run", position: int):
         loop, manager = run.loop, run.manager
         if self.on_nonfinite == "raise" and position == 0:
@@ -796,16 +857,28 @@ class Trainer:
                     f"{ckpt.step}, skipping batch {position}")
         return run.placement.place(_merge_static(run.template, ckpt.state))
 
-    def _restore_best(self, state, template, manager, placement, best_copy, loop, early_stopping):
-        if _manager_tracks(manager, early_stopping) and manager.best_step() is not None:
-            ckpt = manager.restore_checkpoint("best", target=placement.restore_target(template))
-            self._print(f"restored best weights: checkpoint step {ckpt.step}")
+    def _restore_best(self, run: "_Run", state):
+        """The early-stopping best epoch's state: the manager's best checkpoint when it is
+        that epoch, else this process's copy, else that epoch's own checkpoint if kept (a
+        rerun or resume has no copy)."""
+        manager, placement, template = run.manager, run.placement, run.template
+        es, epoch = run.early_stopping, run.loop.es_best_epoch
+        which = None
+        if _manager_tracks(manager, es) and manager.best_step() is not None:
+            which = "best"
+        elif run.best_copy is not None:
+            self._print(f"restored best weights of epoch {epoch}")
+            return placement.place(_merge_static(template, run.best_copy))
+        elif manager is not None and epoch * run.steps_per_epoch in manager.steps():
+            which = epoch * run.steps_per_epoch
+        if which is not None:
+            ckpt = manager.restore_checkpoint(which, target=placement.restore_target(template))
+            self._print(f"restored best weights of epoch {epoch}: checkpoint step {ckpt.step}")
             return placement.place(_merge_static(template, ckpt.state))
-        if best_copy is not None:
-            self._print(f"restored best weights of epoch {loop.es_best_epoch}")
-            return placement.place(_merge_static(template, best_copy))
-        log.warning("restore_best_weights: no copy of the best weights survived the restart "
-                    "and the checkpoint policy does not monitor %s", early_stopping.monitor)
+        log.warning("restore_best_weights: the weights of epoch %s are neither in memory (the "
+                    "run restarted) nor kept in the checkpoint directory (its policy does not "
+                    "rank by %s as EarlyStopping does); the state is the last epoch's",
+                    epoch, es.monitor)
         return state
 
     # -- output ----------------------------------------------------------------------------
@@ -968,6 +1041,7 @@ class _Run:
     epoch_end: tuple[int, dict, int] | None = None  # (position, metrics, epoch) of the last
     best_copy: Any = None
     status: str = "failed"
+    dropped: int = 0  # training examples past each epoch's last full batch
 
 
 # -- the loop's own checkpointed state ---------------------------------------------------
@@ -1100,6 +1174,18 @@ def _check_counts(**counts: Any) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}{hint}.")
 
 
+def _check_batch_fits(examples: int, batch_size: int, processes: int) -> None:
+    """An epoch is its full batches (the last partial one is dropped, so every step has the
+    compiled shape): a batch larger than the data would make an epoch of no steps."""
+    if examples // processes < batch_size // processes:
+        where = f" ({examples // processes} per process)" if processes > 1 else ""
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {examples} training examples"
+            f"{where}: fit drops each epoch's last partial batch, so an epoch would have no "
+            f"steps. Use a batch_size <= {examples // processes * processes} (the number of "
+            "examples), or more training data.")
+
+
 def _check_resume_word(resume: Any) -> None:
     """A bare word that is neither a resume keyword nor an existing path is a typo
     (``"lastest"``), not a run to fine-tune from: say what ``resume`` accepts."""
@@ -1187,6 +1273,27 @@ def _finetune_source(path: str, template: TrainState):
     return directory, step, params, extras
 
 
+def _another_run_error(directory, template: TrainState, e: RestoreStructureError
+                       ) -> RestoreStructureError:
+    """The directory holds a run this Trainer's state does not fit (another model or
+    optimizer): say so in ``fit``'s terms, with the fixes ``fit`` offers, the manager's
+    list of differing arrays below. Fine-tuning is offered only if the params fit."""
+    directory = str(directory)
+    try:
+        _finetune_source(directory, template)
+        what, fix = "another optimizer (its params fit this model)", (
+            f"; or start a new run from its parameters (fine-tuning, with a fresh optimizer "
+            f"state): fit(checkpoint=<a new directory>, resume={directory!r})")
+    except RestoreStructureError:
+        what, fix = "another model", ""
+    return RestoreStructureError(
+        f"{directory} holds a run of {what}: its checkpoints do not fit this Trainer's "
+        f"model and optimizer, so it cannot be resumed. Use a new checkpoint directory (or "
+        f"delete this one) to start this run over{fix}. The arrays that differ:\n"
+        # the manager's own advice (build another restore target) is not fit()'s to give
+        + "\n".join(line for line in str(e).splitlines() if line.startswith("  ")))
+
+
 def _shaped_like(template: Any, saved: Any, what: str, path: str) -> Any:
     """``saved``'s arrays in ``template``'s tree, after checking every shape and dtype."""
     expected, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -1215,7 +1322,21 @@ def _fresh_fn(template: TrainState, seed: int):
     return fn
 
 
-def _open_manager(checkpoint, policy, monitor):
+def _default_policy(monitor: str, early_stopping: EarlyStopping | None) -> CheckpointPolicy:
+    """Best by ``monitor``, and the latest, every epoch. With early stopping that restores
+    best weights, the best is judged as early stopping judges it: that epoch's checkpoint
+    is then kept, so a rerun of the finished run restores the same weights the run ended
+    with (a copy in memory does not outlive the process)."""
+    es = early_stopping
+    if es is not None and es.restore_best_weights and es.start_from_epoch == 0:
+        o = es.objective
+        return CheckpointPolicy(monitor=o.monitor, mode=o.mode, min_delta=o.min_delta,
+                                initial_value_threshold=o.threshold, keep_best=1,
+                                keep_latest=1, every_n_epochs=1)
+    return CheckpointPolicy(monitor=monitor, keep_best=1, keep_latest=1, every_n_epochs=1)
+
+
+def _open_manager(checkpoint, policy, monitor, early_stopping=None):
     if checkpoint is None:
         if policy is not None:
             raise ValueError("policy= was given without checkpoint=; pass a directory too.")
@@ -1225,9 +1346,7 @@ def _open_manager(checkpoint, policy, monitor):
             raise ValueError("pass policy= only with a directory; a CheckpointManager "
                              "already has its policy.")
         return checkpoint, False
-    policy = policy or CheckpointPolicy(monitor=monitor, keep_best=1, keep_latest=1,
-                                        every_n_epochs=1)
-    return CheckpointManager(checkpoint, policy), True
+    return CheckpointManager(checkpoint, policy or _default_policy(monitor, early_stopping)), True
 
 
 def _judge_like(history: History, objective) -> None:
@@ -1275,6 +1394,43 @@ def _finish(sums: dict) -> dict[str, float]:
     host = dict(sums)
     weight = float(host.pop("_weight"))
     return {k: float(v) / weight for k, v in host.items()}
+
+
+def _accuracy_problem(output_shape: tuple, label: np.ndarray) -> str | None:
+    """Why accuracy (argmax of the outputs vs. a class) means nothing here, or None.
+    ``output_shape`` and ``label`` are one example's."""
+    if not output_shape or output_shape[-1] == 1:
+        return (f"the model's output per example has shape {output_shape}, and the argmax "
+                "of one output is always class 0")
+    if label.dtype.kind != "f":
+        return None
+    if label.shape != output_shape:
+        return (f"the labels are {label.dtype} of shape {label.shape} per example (regression "
+                "targets; cast class ids to int32)")
+    if (label < 0).any() or not np.allclose(label.sum(axis=-1), 1.0, atol=1e-3):
+        return ("the labels are float vectors that are not one-hot or class probabilities "
+                "(the first example's are negative or do not sum to 1): regression targets")
+    return None
+
+
+def _per_example_problem(shape: tuple, rows: int, label_shape: tuple,
+                         output_shape: tuple | None) -> str | None:
+    """Why a per-example loss (or metric) of ``shape`` is not ``[B]`` or ``[B, ...]`` along
+    the labels' or the outputs' axes, or None. A ``[B, B]`` is labels ``[B]`` broadcast
+    against outputs ``[B, 1]``: it trains on every pair of examples, without an error."""
+    ok = [s[1:len(shape)] for s in (label_shape, output_shape) if s is not None]
+    if shape == (rows,) or (len(shape) > 1 and shape[0] == rows and shape[1:] in ok):
+        return None
+    if not shape:
+        return ("one value for the whole batch. Return one value per example (leave out the "
+                "mean over the batch): padded evaluation rows are masked per example.")
+    if output_shape is not None and len(label_shape) != len(output_shape):
+        return ("the labels and the outputs have different ranks and broadcast against each "
+                "other. Give the labels the outputs' shape (for 1-D targets pass y of shape "
+                f"(N, 1), y.reshape(-1, 1)), or squeeze the prediction in the loss "
+                "(lambda p, y: (p[:, 0] - y) ** 2).")
+    return ("it should be one value per example, [B] or [B, ...] along the labels' or the "
+            "outputs' axes. Make the labels and the outputs line up.")
 
 
 def _per_example(values: jax.Array) -> jax.Array:

@@ -674,6 +674,90 @@ def test_a_regression_trains_with_a_user_loss():
     assert h.rows[-1]["val_loss"] < 0.01 * h.rows[0]["val_loss"]
 
 
+class Linear(nn.Module):
+    out: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.out)(x)
+
+
+def regression(n=256, width=1):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    return x, (x[:, :width] * 2.0 + x[:, 1:width + 1]).astype(np.float32)
+
+
+def mse(p, y):
+    return (p - y) ** 2
+
+
+@pytest.mark.parametrize("width, why", [(1, r"shape \(1,\), and the argmax of one output"),
+                                        (3, r"not one-hot or class probabilities")])
+def test_accuracy_of_a_regression_is_refused_before_training_naming_metrics_empty(width, why):
+    x, y = regression(width=width)
+    train, reads = counted(x, y)
+    t = jaxckpt.Trainer(Linear(width), optax.adam(0.1), loss_fn=mse, quiet=True)  # accuracy
+    with pytest.raises(ValueError, match=rf"metric 'accuracy' needs class logits.*{why}.*"
+                                         r"Trainer\(metrics=\(\)\)"):
+        t.fit(train, epochs=1, batch_size=64)
+    assert reads == [0]
+    with pytest.raises(ValueError, match=r"regression targets; cast class ids to int32"):
+        jaxckpt.Trainer(Linear(3), optax.adam(0.1), loss_fn=lambda p, y: (p[:, 0] - y) ** 2,
+                        quiet=True).fit((x, y[:, 0]), epochs=1, batch_size=64)  # float ids
+    h = jaxckpt.Trainer(Linear(width), optax.adam(0.1), loss_fn=mse, metrics=(),
+                        quiet=True).fit((x, y), epochs=1, batch_size=64)
+    assert h.metric_names == ["loss"]
+
+
+def test_a_loss_whose_labels_broadcast_against_the_outputs_is_refused_naming_the_fix():
+    x, y = regression()
+    train, reads = counted(x, y[:, 0])  # labels (N,), outputs (N, 1): (p - y) ** 2 is (B, B)
+    t = jaxckpt.Trainer(Linear(), optax.adam(0.1), loss_fn=mse, metrics=(), quiet=True)
+    with pytest.raises(ValueError, match=r"loss_fn returns shape \(64, 64\) for a batch of 64 "
+                                         r"examples with outputs \(64, 1\) and labels \(64,\).*"
+                                         r"y\.reshape\(-1, 1\).*squeeze the prediction"):
+        t.fit(train, epochs=1, batch_size=64)
+    assert reads == [0]
+    with pytest.raises(ValueError, match=r"metric 'mae' returns shape \(64, 64\)"):
+        jaxckpt.Trainer(Linear(), optax.adam(0.1), loss_fn=lambda p, y: (p[:, 0] - y) ** 2,
+                        metrics={"mae": lambda p, y: abs(p - y)},
+                        quiet=True).fit((x, y[:, 0]), epochs=1, batch_size=64)
+    mean = jaxckpt.Trainer(Linear(), optax.adam(0.1), loss_fn=lambda p, y: mse(p, y).mean(),
+                           metrics=(), quiet=True)
+    with pytest.raises(ValueError, match=r"one value for the whole batch"):
+        mean.evaluate((x, y), state=mean.init_state({"image": x[:1], "label": y[:1]}))
+    # the two fixes the message names: labels (N, 1), or the prediction squeezed
+    squeezed = jaxckpt.Trainer(Linear(), optax.adam(0.1), loss_fn=lambda p, y: (p[:, 0] - y) ** 2,
+                               metrics=(), quiet=True).fit((x, y[:, 0]), epochs=4, batch_size=64)
+    column = t.fit((x, y), epochs=4, batch_size=64)
+    assert squeezed.rows[-1]["loss"] == pytest.approx(column.rows[-1]["loss"], rel=1e-5)
+
+
+def test_a_directory_of_another_model_or_optimizer_is_refused_in_fits_terms(tmp_path):
+    x, y = xy(128)
+    quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path / "ck")
+    class Wider(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(64)(x.reshape((x.shape[0], -1)))))
+    wider = jaxckpt.Trainer(Wider(), optax.adam(1e-2), quiet=True)
+    with pytest.raises(jaxckpt.RestoreStructureError) as e:
+        wider.fit((x, y), epochs=2, batch_size=64, checkpoint=tmp_path / "ck")
+    assert f"{tmp_path / 'ck'} holds a run of another model" in str(e.value)
+    assert "Use a new checkpoint directory" in str(e.value)
+    assert "params/" in str(e.value) and "target=None" not in str(e.value)
+    assert "resume=" not in str(e.value)  # its params do not fit: no fine-tuning offered
+    sgd = jaxckpt.Trainer(MLP(), optax.sgd(1e-2), quiet=True)
+    with pytest.raises(jaxckpt.RestoreStructureError,
+                       match=r"holds a run of another optimizer \(its params fit this model\)"
+                             r".*fit\(checkpoint=<a new directory>, resume="):
+        sgd.fit((x, y), epochs=2, batch_size=64, checkpoint=tmp_path / "ck")
+    h = sgd.fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path / "tuned",
+                resume=str(tmp_path / "ck"))  # the fix it names works
+    assert h.events[0]["event"] == "finetune"
+
+
 def test_a_user_step_function_trains_and_its_metrics_can_be_monitored(tmp_path):
     x, y = xy(256)
 
@@ -873,6 +957,38 @@ def test_the_early_stop_event_survives_a_rerun_of_the_finished_run(tmp_path):
     again = jaxckpt.Trainer(MLP(), optax.sgd(3.0), quiet=True).fit((x[:448], y[:448]), **args)
     assert again.rows == first.rows
     assert [e["event"] for e in again.events] == ["early_stop", "resume"]
+
+
+@pytest.mark.parametrize("policy", [None, jaxckpt.CheckpointPolicy(monitor="val_loss",
+                                                                    keep_all=True)],
+                         ids=["default policy", "a val_loss policy that keeps all"])
+def test_a_rerun_of_a_finished_early_stopped_run_ends_with_the_same_best_weights(tmp_path,
+                                                                                 policy):
+    x, y = xy(320)
+    args = dict(val_data=(x[256:], y[256:]), epochs=30, batch_size=32, checkpoint=tmp_path,
+                policy=policy, early_stopping=jaxckpt.EarlyStopping("val_accuracy", patience=2))
+    runs = [jaxckpt.Trainer(MLP(), optax.sgd(3.0), quiet=True) for _ in range(2)]
+    first = runs[0].fit((x[:256], y[:256]), **args)
+    assert first.best_epoch < len(first.rows)  # the best is not the last epoch
+    runs[1].fit((x[:256], y[:256]), **args)  # nothing left to train: only the restore
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as m:
+        last = m.restore("latest")["params"]
+    assert not leaves_equal(runs[0].state.params, last)
+    assert leaves_equal(runs[1].state.params, runs[0].state.params)
+
+
+def test_a_batch_larger_than_the_data_names_the_fix_and_a_dropped_remainder_is_said(capsys):
+    x, y = xy(210)
+    t = jaxckpt.Trainer(MLP(), optax.adam(1e-2))
+    with pytest.raises(ValueError, match=r"batch_size=64 is larger than the 10 training "
+                                         r"examples.*Use a batch_size <= 10"):
+        t.fit((x[:10], y[:10]), epochs=1, batch_size=64)
+    t.fit((x, y), epochs=1, batch_size=64)
+    assert t.global_step == 3  # 3 full batches: 18 examples left out
+    assert "each epoch trains on 192 of the 210 training examples: its last partial batch " \
+           "(18," in capsys.readouterr().out
+    t.fit((x[:192], y[:192]), epochs=1, batch_size=64)
+    assert "partial batch" not in capsys.readouterr().out
 
 
 def test_without_a_checkpoint_a_stop_and_a_second_fit_say_it_starts_over(capsys):
