@@ -263,8 +263,8 @@ def check_saveable(tree: Any) -> None:
     problems = [f"  {path_str(p) or '<root>'} {why}" for p, x in flat
                 if (why := _unsaveable(x)) is not None]
     if problems:
-        raise TypeError("the state cannot be saved; these leaves are not arrays or "
-                        "numbers:\n" + "\n".join(problems))
+        raise TypeError("the state cannot be saved; these leaves cannot be stored:\n"
+                        + "\n".join(problems))
 
 
 def to_saveable(tree: Any, *, snapshot: bool = False) -> Any:
