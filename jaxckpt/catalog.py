@@ -1,9 +1,10 @@
 """The checkpoints of a directory as the library sees them: usable, set aside, foreign.
 
 One definition of "latest" and "best" for properties, ``restore``, the CLI and the docs:
-the newest (best) checkpoint that is complete and not known to be damaged. Sizes are
-checked when the directory is opened; checksums of small files and the fingerprints of the
-arrays when a checkpoint is restored or verified. A checkpoint found damaged is *set aside*: never restored, never best, never
+the newest (best) checkpoint that is complete and not known to be damaged. Sizes (and
+the checksums of the JSON records read to rank each step) are checked when the directory
+is opened; checksums of small files and the fingerprints of the arrays when a checkpoint
+is restored or verified. A checkpoint found damaged is *set aside*: never restored, never best, never
 deleted, and ``latest``/``best`` move to the next one. A step that disappears while it
 is read (a live writer deleted it) is forgotten, not reported as damaged.
 
