@@ -216,9 +216,15 @@ class CheckpointManager:
 
         In a multi-process job, ask on every process, as ``save`` is called: a policy that
         reads the clock answers with process 0's decision, by a broadcast all processes make.
+        With ``every="auto"``, each call is also what times the steps and closes the
+        measured window of the last save, as a ``save`` call is: a loop that asks this and
+        calls ``save`` only when due gets its interval as one that offers every step.
         """
         step, epoch = fmt.as_int("step", step), fmt.as_int("epoch", epoch, optional=True)
-        return self._writer is not None and self._writer.agreed_due(step, epoch, self._clock())[0]
+        if self._writer is None:
+            return False
+        self._writer.auto.observe_call(step)
+        return self._writer.agreed_due(step, epoch, self._clock())[0]
 
     def reached_preemption(self, step: int) -> bool:
         """Whether a preemption signal reached this job (every process agrees).

@@ -610,6 +610,23 @@ def test_every_auto_saves_once_to_measure_then_spaces_saves(tmp_path):
         assert all(b - a > 1 for a, b in zip(saved, saved[1:]))
 
 
+def test_every_auto_spaces_saves_for_a_loop_that_asks_should_save(tmp_path):
+    """A loop that asks should_save() each step and calls save() only when due (as fit
+    does) gets saves after the first too: the asking times the steps and closes the
+    first save's window (without it, no save after the first was ever due)."""
+    policy = CheckpointPolicy(every="auto", overhead_budget=0.05, keep_latest=100)
+    x = jax.random.normal(jax.random.key(0), (200_000,))
+    saved = []
+    with CheckpointManager(tmp_path, policy) as m:
+        for s in range(1, 401):
+            time.sleep(0.005)  # a "training step"; the assertions below are not timings
+            if m.should_save(s) and m.save(s, {"x": x}):
+                saved.append(s)
+        assert saved[0] == 1 and len(saved) > 1, saved
+        assert m.every_n_steps is not None and m.every_n_steps > 1
+        assert all(b - a > 1 for a, b in zip(saved, saved[1:]))
+
+
 def test_the_constructor_takes_design_s_arguments_in_design_s_order(tmp_path):
     """DESIGN.md: CheckpointManager(directory, policy=..., async_save=True, read_only=False)."""
     with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=2), False) as m:

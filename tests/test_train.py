@@ -870,6 +870,20 @@ def test_every_schedule_of_the_policy_saves_inside_an_epoch(tmp_path, rule, mid_
     assert saves.saves == [(s, "interval") for s in mid_epoch] + [(8, "end")]
 
 
+def test_every_auto_saves_inside_an_epoch(tmp_path):
+    # fit asks should_save() each step and saves only when due: the asking must time the
+    # steps and close the first save's window, or every="auto" saved only at epoch ends.
+    x, y = xy(n=8000)  # 1000 steps of 8: one epoch
+    saves = Saves()
+    # A save of this state costs tens of steps here; a loaded host may make it hundreds.
+    policy = jaxckpt.CheckpointPolicy(monitor="loss", keep_latest=100, every="auto",
+                                      overhead_budget=0.9)
+    quiet_trainer().fit((x, y), epochs=1, batch_size=8, checkpoint=tmp_path, policy=policy,
+                        callbacks=[saves])
+    inside = [s for s, reason in saves.saves if reason == "interval" and 1 < s < 1000]
+    assert inside, saves.saves
+
+
 def test_resuming_with_another_batch_size_is_refused_naming_the_fix(tmp_path):
     x, y = xy()
     quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path)
