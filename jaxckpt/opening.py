@@ -48,9 +48,38 @@ def lock_directory(directory: epath.Path,
                 f"process 0 could not lock {directory}"
                 + (f": it is held by {describe(owner)}" if owner else "")
                 + ". See process 0's error for the cause and the fix.")
+    if error is None and jax.process_count() > 1:
+        try:
+            _check_shared(directory, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
     if error is not None:
         raise error
     return lock
+
+
+def _check_shared(directory: epath.Path, lock: DirectoryLock | None) -> None:
+    """Every process must see process 0's lock file: the job writes one checkpoint, each
+    process its shards, into one directory. Each process on its own disk wrote its shards
+    where no other process looks: every save "succeeded" and no checkpoint could be read."""
+    from jax.experimental import multihost_utils
+
+    ours = np.frombuffer(bytes.fromhex(lock.run_id), np.uint8) if lock is not None else \
+        np.zeros(16, np.uint8)
+    run_id = bytes(np.asarray(multihost_utils.broadcast_one_to_all(ours), np.uint8)).hex()
+    owner = read_owner(directory)
+    sees = owner is not None and owner.get("run_id") == run_id
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(sees))).reshape(-1)
+    if not seen.all():
+        blind = [i for i, s in enumerate(seen) if not s]
+        raise CheckpointDirectoryError(
+            f"process(es) {blind} do not see the lock file process 0 wrote in {directory}: "
+            "every process of a job must see the same directory (a shared file system, or "
+            "an object store such as gs://). On per-host disks each process would write its "
+            "shards where no other process reads them, and no checkpoint could be restored. "
+            "Nothing was written.")
 
 
 def stored_policy(catalog: Catalog, stored: dict | None, *, read_only: bool

@@ -79,6 +79,13 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     if mode.startswith("clock:"):
         _clock(process_id, mesh, step_fn, rows, directory, mode.split(":", 1)[1])
         return
+    if mode == "unshared":  # each process its own directory, as on per-host disks
+        try:
+            jaxckpt.CheckpointManager(f"{directory}-p{process_id}",
+                                      jaxckpt.CheckpointPolicy(keep_latest=1))
+        except jaxckpt.CheckpointDirectoryError as e:
+            print(f"REFUSED {e}", flush=True)
+        return
     policy = jaxckpt.CheckpointPolicy(every_n_steps=EVERY, keep_latest=2)
     with jaxckpt.CheckpointManager(directory, policy) as mngr:
         start = 0
@@ -361,6 +368,16 @@ def test_a_policy_that_reads_the_clock_saves_the_same_steps_on_every_process(tmp
     with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
         assert mngr.steps() == seen[0]["kept"]
         assert all(not problems for problems in mngr.verify().values())
+
+
+def test_a_directory_the_processes_do_not_share_is_refused_on_every_process(tmp_path):
+    """Per-host disks: each process saw its own directory, every save "succeeded", and no
+    checkpoint could be restored (each held one process's shards)."""
+    outs = _finish(_launch(tmp_path / "ckpt", "unshared"))  # a hang: fails on timeout
+    for out, _ in outs:
+        assert "REFUSED process(es) [1] do not see the lock file process 0 wrote" in out, out
+        assert "shared file system" in out
+    assert not (tmp_path / "ckpt-p0" / "jaxckpt.lock").exists()  # released
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(
