@@ -67,6 +67,7 @@ class Writer:
         self.primary, self.timeout, self.warn_corrupt = primary, timeout, warn_corrupt
         self.last_save_time, self.start_time = last_save_time, start_time
         self._warned = False  # about saves without the monitored metric, once
+        self._warned_metrics = False  # about metrics that differ between processes, once
         self._tried: int | None = None  # the last step handed to Orbax (on a store, a
         # failed save leaves its unfinished objects at the step name; steps only increase)
         self._drain_timeout = timeout  # for the background work: see write_deadline
@@ -121,6 +122,29 @@ class Writer:
         self.auto.every = int(got[3]) or None
         return bool(got[2]), float(got[:2].view(np.float64)[0])
 
+    def _agreed_value(self, step: int, value: float) -> float:
+        """Process 0's monitored value, on every process of a job.
+
+        Whether a value is saved (an improvement) and which checkpoint is best must be the
+        same everywhere: Orbax's save is collective, and a restore of "best" reads one step
+        on every process. A loss computed on each host's own shard of the validation data,
+        not averaged, differs between processes: each decided alone, one saved and the
+        other did not (a hang at Orbax's commit), or each ranked a different step best and
+        a restore mixed two steps' shards (intact checkpoints reported corrupt).
+        """
+        words = orbax_io.from_process_0(np.array([value], np.float64).view(np.uint32))
+        agreed = float(np.asarray(words, np.uint32).view(np.float64)[0])
+        same = agreed == value or (math.isnan(agreed) and math.isnan(value))
+        if not same and not self._warned_metrics:
+            self._warned_metrics = True
+            warnings.warn(
+                f"save(step={step}): {self.policy.monitor}={value} on this process, "
+                f"{agreed} on process 0; every process must pass the same metrics (average "
+                "them over processes, e.g. with jax.lax.pmean in the eval step or "
+                "jax.experimental.multihost_utils.process_allgather(x).mean()). Process 0's "
+                "decides what is saved and kept (reported once).", stacklevel=4)
+        return agreed
+
     def offer(self, step: int, state: Any, metrics: dict | None, epoch: int | None,
               data_state: Any, value: float | None, *, now: float, force: bool) -> bool:
         """Record ``step`` in the ledger and write it if the policy wants it (arguments
@@ -131,6 +155,8 @@ class Writer:
                 f"save(step={step}) is not above the latest saved step {latest} in "
                 f"{self.directory}. Steps must increase: resume from restore('latest') and "
                 "continue its step count, or save into a new directory.")
+        if value is not None and orbax_io.process_count() > 1:
+            value = self._agreed_value(step, value)
         if value is not None and not math.isfinite(value):
             kept = ("it can be kept as latest, never as best" if self.policy.keep_latest
                     else "it is never best, and with keep_latest=0 it is not written unless "

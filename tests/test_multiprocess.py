@@ -79,6 +79,9 @@ def _worker(process_id: int, port: int, directory: str, mode: str) -> None:
     if mode.startswith("clock:"):
         _clock(process_id, mesh, step_fn, rows, directory, mode.split(":", 1)[1])
         return
+    if mode == "metrics":
+        _metrics(process_id, mesh, step_fn, rows, directory, shardings)
+        return
     if mode == "unshared":  # each process its own directory, as on per-host disks
         try:
             jaxckpt.CheckpointManager(f"{directory}-p{process_id}",
@@ -176,6 +179,29 @@ def _clock(process_id, mesh, step_fn, rows, directory, schedule):
         mngr.wait()
         kept = mngr.steps()
     print("SAVED " + json.dumps({"saved": saved, "kept": kept}), flush=True)
+    print("DONE", flush=True)
+
+
+def _metrics(process_id, mesh, step_fn, rows, directory, shardings):
+    """Each process passes its own val_loss (a loss of its own shard, not averaged):
+    process 0's falls, process 1's rises. Deciding alone, one process saved a step the
+    other did not (a hang), or each ranked another step best."""
+    state = par.shard_state(fresh_state(), mesh)
+    policy = jaxckpt.CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=1,
+                                      every_n_steps=4)
+    saved = []
+    with jaxckpt.CheckpointManager(directory, policy) as mngr:
+        for i in range(12):
+            local = {k: v[rows] for k, v in batch(i).items()}
+            state, _ = step_fn(state, par.shard_batch(local, mesh))
+            val_loss = 1.0 / (i + 1) if process_id == 0 else float(i)
+            if mngr.save(i + 1, state, metrics={"val_loss": val_loss}):
+                saved.append(i + 1)
+        mngr.wait()
+        target = par.abstract_state(jax.eval_shape(fresh_state), shardings)
+        best = mngr.restore_checkpoint("best", target=target).step
+        print("SAVED " + json.dumps({"saved": saved, "kept": mngr.steps(), "best": best}),
+              flush=True)
     print("DONE", flush=True)
 
 
@@ -368,6 +394,17 @@ def test_a_policy_that_reads_the_clock_saves_the_same_steps_on_every_process(tmp
     with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
         assert mngr.steps() == seen[0]["kept"]
         assert all(not problems for problems in mngr.verify().values())
+
+
+def test_metrics_that_differ_between_processes_are_process_0s_everywhere(tmp_path):
+    outs = _finish(_launch(tmp_path, "metrics"))  # a hang: fails on timeout
+    seen = [json.loads(out.split("SAVED ", 1)[1].splitlines()[0]) for out, _ in outs]
+    assert seen[0] == seen[1], seen
+    assert seen[0]["best"] == 12 and seen[0]["kept"] == [12]  # process 0's falling loss
+    assert "every process must pass the same metrics" in outs[1][1]
+    assert "every process must pass the same metrics" not in outs[0][1]
+    with jaxckpt.CheckpointManager(tmp_path, read_only=True) as mngr:
+        assert mngr.verify() == {12: []}
 
 
 def test_a_directory_the_processes_do_not_share_is_refused_on_every_process(tmp_path):
