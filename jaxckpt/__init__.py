@@ -58,4 +58,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted([*globals(), *_LAZY, *_SUBMODULES])
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -372,7 +372,8 @@ class CheckpointManager:
         Args:
           step: one step, or None for every checkpoint in the directory (those already
             found corrupt included).
-          checksums: read every file and compare its checksum (else sizes only).
+          checksums: compare the small files' checksums and read every array once to
+            compare it with its saved fingerprint (else sizes only).
           strict: count a checkpoint without a manifest as a problem.
 
         Returns:

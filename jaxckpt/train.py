@@ -946,6 +946,12 @@ class _Placement:
     def __init__(self, mode: str, fsdp: int):
         self.mode, self.fsdp = mode, fsdp
         if mode == "jit":
+            devices = jax.device_count()
+            if devices % fsdp:
+                raise ValueError(
+                    f"Trainer(fsdp={fsdp}) needs a device count it divides; this job has "
+                    f"{devices} device(s): use an fsdp that divides {devices} (fsdp=1 for "
+                    "plain data parallelism).")
             self.mesh = parallel.make_mesh(fsdp=fsdp)
             self.local_devices = len(self.mesh.local_devices)
         else:

@@ -884,6 +884,13 @@ def test_every_auto_saves_inside_an_epoch(tmp_path):
     assert inside, saves.saves
 
 
+def test_an_fsdp_that_does_not_divide_the_devices_names_trainers_own_fix():
+    x, y = xy()
+    with pytest.raises(ValueError, match=rf"Trainer\(fsdp=3\) needs a device count it "
+                       rf"divides; this job has {jax.device_count()} device"):
+        quiet_trainer(fsdp=3).fit((x, y), epochs=1, batch_size=64)
+
+
 def test_resuming_with_another_batch_size_is_refused_naming_the_fix(tmp_path):
     x, y = xy()
     quiet_trainer().fit((x, y), epochs=1, batch_size=64, checkpoint=tmp_path)
