@@ -594,36 +594,24 @@ def test_relative_directory(tmp_path, monkeypatch):
         assert m.steps() == [1] and np.array_equal(m.restore(1)["x"], np.arange(3))
 
 
-def test_every_auto_saves_once_to_measure_then_spaces_saves(tmp_path):
-    """every="auto": one save measures the cost; then saves are spaced N > 1 steps apart."""
+@pytest.mark.parametrize("asks", [False, True])
+def test_every_auto_saves_once_to_measure_then_spaces_saves(tmp_path, asks):
+    """every="auto": one save measures the cost; then saves are spaced N > 1 steps apart.
+
+    ``asks``: the loop asks should_save() each step and calls save() only when due (as
+    fit does); the asking must time the steps and close the first save's window (without
+    it, no save after the first was ever due)."""
     policy = CheckpointPolicy(every="auto", overhead_budget=0.05, keep_latest=100)
     x = jax.random.normal(jax.random.key(0), (200_000,))
     saved = []
     with CheckpointManager(tmp_path, policy) as m:
         for s in range(1, 401):
             time.sleep(0.005)  # a "training step"; the assertions below are not timings
-            if m.save(s, {"x": x}):
+            if (not asks or m.should_save(s)) and m.save(s, {"x": x}):
                 saved.append(s)
         assert saved[0] == 1
         assert m.every_n_steps is not None and m.every_n_steps > 1
-        assert 1 < len(saved) < 200
-        assert all(b - a > 1 for a, b in zip(saved, saved[1:]))
-
-
-def test_every_auto_spaces_saves_for_a_loop_that_asks_should_save(tmp_path):
-    """A loop that asks should_save() each step and calls save() only when due (as fit
-    does) gets saves after the first too: the asking times the steps and closes the
-    first save's window (without it, no save after the first was ever due)."""
-    policy = CheckpointPolicy(every="auto", overhead_budget=0.05, keep_latest=100)
-    x = jax.random.normal(jax.random.key(0), (200_000,))
-    saved = []
-    with CheckpointManager(tmp_path, policy) as m:
-        for s in range(1, 401):
-            time.sleep(0.005)  # a "training step"; the assertions below are not timings
-            if m.should_save(s) and m.save(s, {"x": x}):
-                saved.append(s)
-        assert saved[0] == 1 and len(saved) > 1, saved
-        assert m.every_n_steps is not None and m.every_n_steps > 1
+        assert 1 < len(saved) < 200, saved
         assert all(b - a > 1 for a, b in zip(saved, saved[1:]))
 
 
