@@ -130,8 +130,8 @@ class SavedLeaf:
 
 
 def saved_leaf(x: Any) -> SavedLeaf:
-    """What Orbax records for leaf ``x`` of a :func:`to_saveable` tree: Python and numpy
-    scalars go to its scalar handler (Python ints as int64, floats as float64)."""
+    """What Orbax records for leaf ``x`` of a :func:`to_saveable` tree: Python scalars go
+    to its scalar handler (ints as int64, floats as float64); numpy scalars are 0-d arrays."""
     if isinstance(x, np.generic):  # not saved as such: to_saveable makes it a 0-d array
         return _saved_array((), x.dtype, False)
     if isinstance(x, bool):
