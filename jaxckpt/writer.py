@@ -102,38 +102,39 @@ class Writer:
         return self.policy.is_due(step, epoch=epoch, now=now, last_save_time=last) or \
             self.auto.due(step, self.catalog.latest())
 
-    def agreed_due(self, step: int, epoch: int | None, now: float) -> tuple[bool, float]:
-        """:meth:`due`, and the time the policy records for this call, as process 0 sees
-        them.
+    def agreed_due(self, step: int, epoch: int | None, now: float,
+                   value: float | None = None) -> tuple[bool, float, float | None]:
+        """:meth:`due`, the time the policy records for this call and the monitored
+        ``value``, as process 0 sees them.
 
-        Every process of a job must save the same steps (Orbax's save is collective). A
+        Every process of a job must save the same steps (Orbax's save is collective) and
+        rank the same checkpoint best (a restore of "best" reads one step everywhere). A
         policy that reads the clock (``CheckpointPolicy.reads_clock``) would let each
-        process's own clock and measurements decide, and a step due on one process and not
-        on another left both waiting at Orbax's commit until it timed out. Such a policy
-        takes process 0's answer, time and ``every="auto"`` interval: one small broadcast
-        per call. A policy of steps and epochs decides alike everywhere, without one.
+        process's own clock and measurements decide, and a monitored value computed on each
+        host's own shard of the validation data, not averaged, differs between processes:
+        one process saved a step the other did not (both waiting at Orbax's commit until it
+        timed out), or each ranked another step best (a restore mixed two steps' shards and
+        reported intact checkpoints corrupt). Such calls take process 0's answer, time,
+        ``every="auto"`` interval and value: one small broadcast per call. A policy of
+        steps and epochs, called without a monitored value, decides alike everywhere,
+        without one.
         """
         due = self.due(step, epoch, now)
-        if orbax_io.process_count() == 1 or not self.policy.reads_clock:
-            return due, now
-        words = np.concatenate([np.array([now], np.float64).view(np.uint32),
+        if orbax_io.process_count() == 1 or not (self.policy.reads_clock or value is not None):
+            return due, now, value
+        words = np.concatenate([np.array([now, math.nan if value is None else value],
+                                         np.float64).view(np.uint32),
                                 np.array([due, self.auto.every or 0], np.uint32)])
         got = orbax_io.from_process_0(words)
-        self.auto.every = int(got[3]) or None
-        return bool(got[2]), float(got[:2].view(np.float64)[0])
+        self.auto.every = int(got[5]) or None
+        agreed_now, agreed = (float(x) for x in got[:4].view(np.float64))
+        if value is not None:
+            self._check_same_value(step, value, agreed)
+            value = agreed
+        return bool(got[4]), agreed_now, value
 
-    def _agreed_value(self, step: int, value: float) -> float:
-        """Process 0's monitored value, on every process of a job.
-
-        Whether a value is saved (an improvement) and which checkpoint is best must be the
-        same everywhere: Orbax's save is collective, and a restore of "best" reads one step
-        on every process. A loss computed on each host's own shard of the validation data,
-        not averaged, differs between processes: each decided alone, one saved and the
-        other did not (a hang at Orbax's commit), or each ranked a different step best and
-        a restore mixed two steps' shards (intact checkpoints reported corrupt).
-        """
-        words = orbax_io.from_process_0(np.array([value], np.float64).view(np.uint32))
-        agreed = float(np.asarray(words, np.uint32).view(np.float64)[0])
+    def _check_same_value(self, step: int, value: float, agreed: float) -> None:
+        """Warn once when this process's monitored value is not process 0's."""
         same = agreed == value or (math.isnan(agreed) and math.isnan(value))
         if not same and not self._warned_metrics:
             self._warned_metrics = True
@@ -142,8 +143,7 @@ class Writer:
                 f"{agreed} on process 0; every process must pass the same metrics (average "
                 "them over processes, e.g. with jax.lax.pmean in the eval step or "
                 "jax.experimental.multihost_utils.process_allgather(x).mean()). Process 0's "
-                "decides what is saved and kept (reported once).", stacklevel=4)
-        return agreed
+                "decides what is saved and kept (reported once).", stacklevel=5)
 
     def offer(self, step: int, state: Any, metrics: dict | None, epoch: int | None,
               data_state: Any, value: float | None, *, now: float, force: bool) -> bool:
@@ -155,8 +155,8 @@ class Writer:
                 f"save(step={step}) is not above the latest saved step {latest} in "
                 f"{self.directory}. Steps must increase: resume from restore('latest') and "
                 "continue its step count, or save into a new directory.")
-        if value is not None and orbax_io.process_count() > 1:
-            value = self._agreed_value(step, value)
+        self.auto.observe_call(step)
+        due, now, value = self.agreed_due(step, epoch, now, value)
         if value is not None and not math.isfinite(value):
             kept = ("it can be kept as latest, never as best" if self.policy.keep_latest
                     else "it is never best, and with keep_latest=0 it is not written unless "
@@ -164,8 +164,6 @@ class Writer:
             warnings.warn(f"{self.policy.monitor}={value} at step {step} is not finite: "
                           f"{kept}.", stacklevel=3)
             value = None
-        self.auto.observe_call(step)
-        due, now = self.agreed_due(step, epoch, now)
         reason = "forced" if force else self.policy.should_save(
             value, list(self.catalog.records.values()), due=due,
             step=step, time=now, has_metrics=metrics is not None)
