@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 
 from jaxckpt import format as fmt
-from jaxckpt import storage
+from jaxckpt import orbax_io, storage
 from jaxckpt.catalog import Catalog
 from jaxckpt.errors import CheckpointDirectoryError, DirectoryLockedError
 from jaxckpt.ledger import Entry, Ledger
@@ -66,9 +66,9 @@ def _check_shared(directory: epath.Path, lock: DirectoryLock | None) -> None:
     where no other process looks: every save "succeeded" and no checkpoint could be read."""
     from jax.experimental import multihost_utils
 
-    ours = np.frombuffer(bytes.fromhex(lock.run_id), np.uint8) if lock is not None else \
-        np.zeros(16, np.uint8)
-    run_id = bytes(np.asarray(multihost_utils.broadcast_one_to_all(ours), np.uint8)).hex()
+    ours = np.frombuffer(bytes.fromhex(lock.run_id), np.uint32) if lock is not None else \
+        np.zeros(4, np.uint32)
+    run_id = orbax_io.from_process_0(ours).tobytes().hex()
     owner = read_owner(directory)
     sees = owner is not None and owner.get("run_id") == run_id
     seen = np.asarray(multihost_utils.process_allgather(np.int32(sees))).reshape(-1)
