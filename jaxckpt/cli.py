@@ -537,13 +537,18 @@ def cmd_prune(args) -> int:
     from jaxckpt.errors import CheckpointDirectoryError
     try:
         mngr = _open(args.directory, read_only=args.dry_run, monitor=args.monitor,
-                     mode=args.mode, adopt=args.adopt)
+                     mode=args.mode)
     except CheckpointDirectoryError as e:
         if "plain Orbax" not in str(e):
             raise
-        raise CliError(f"{e} jaxckpt prune deletes checkpoints it did not write only when "
-                       "told: --dry-run shows what it would keep; add --adopt (with --monitor "
-                       "NAME to keep the best by that metric) to prune them.") from None
+        if not args.adopt:
+            raise CliError(f"{e} jaxckpt prune deletes checkpoints it did not write only "
+                           "when told: --dry-run shows what it would keep; add --adopt (with "
+                           "--monitor NAME to keep the best by that metric) to prune "
+                           "them.") from None
+        # Only where the plain open refused: a directory jaxckpt wrote keeps its policy.
+        mngr = _open(args.directory, read_only=False, monitor=args.monitor, mode=args.mode,
+                     adopt=True)
     with mngr:
         # Checksums first: a corrupt copy must never be kept in place of a good one.
         corrupt = _corrupt(_verdicts(mngr))
