@@ -50,6 +50,9 @@ HISTORY_FORMAT = "jaxckpt/1"
 _BYTES_KEY = "__bytes_b64__"
 _DELETING = ".jaxckpt-deleting-"
 
+FINGERPRINT_BITS = {"xxh3_64": 64, "crc32c": 32, "wsum32": 32}
+"""Each array fingerprint a manifest may hold, by its width (jaxckpt.fingerprint)."""
+
 COMMIT_FILES = (ORBAX_METADATA, f"{META}/metadata")
 """Files every committed jaxckpt checkpoint has; a step lacking one is incomplete."""
 

@@ -6,10 +6,10 @@ size of every file, the CRC-32C of the small ones (metadata, indexes: up to
 arrays themselves when ``save`` was called (:mod:`jaxckpt.fingerprint`)::
 
     DIR/<step>/jaxckpt_manifest.json
-        {"format": "jaxckpt-manifest/2", "step": 50, "algorithm": "crc32c",
+        {"format": "jaxckpt-manifest/3", "step": 50, "algorithm": "crc32c",
          "files": {"state/manifest.ocdbt": {"size": 114, "crc32c": 2271104343},
                    "state/d/1f0c...": {"size": 33554432}, ...},
-         "arrays": {"item": "state", "leaves": {"params/w": {"crc32c": 93112...}, ...},
+         "arrays": {"item": "state", "leaves": {"params/w": {"xxh3_64": 93112...}, ...},
                     "saved": {"params/w": {"shape": [4, 4], "dtype": "float32"}, ...}}}
 
 So a save reads back kilobytes, not the state, and a restore reads each byte once: Orbax
@@ -48,14 +48,19 @@ __all__ = ["Verdict", "MANIFEST_FILE", "MANIFEST_FORMAT", "build_manifest", "wri
            "read_manifest", "check", "safe_relative_path"]
 
 MANIFEST_FILE = fmt.MANIFEST_FILE
-MANIFEST_FORMAT = "jaxckpt-manifest/2"
-"""Version 2: checksums for the small files only; array data is covered by per-leaf
+MANIFEST_FORMAT = "jaxckpt-manifest/3"
+"""Version 3 (since 2026-12): version 2 whose array fingerprints may be XXH3-64, so that a
+jaxckpt that knows only CRC-32C reads it as a newer writer's (unverified), never as
+corrupt. Version 2: checksums for the small files only; array data is covered by per-leaf
 fingerprints taken from the arrays at save time (:mod:`jaxckpt.fingerprint`) and checked
 on the arrays a restore reads, so no byte is read twice. Version 1 (a checksum per file)
 is still read and checked."""
-FORMATS = ("jaxckpt-manifest/1", MANIFEST_FORMAT)
+FORMATS = ("jaxckpt-manifest/1", "jaxckpt-manifest/2", MANIFEST_FORMAT)
+_LEAF_FINGERPRINTS = {"jaxckpt-manifest/2": ("crc32c", "wsum32"),
+                      MANIFEST_FORMAT: tuple(fmt.FINGERPRINT_BITS)}
+"""The array fingerprints each format with arrays may hold."""
 SMALL_FILE = 1 << 20
-"""Files up to this size get a checksum in a version-2 manifest (metadata, indexes)."""
+"""Files up to this size get a checksum in a version-2 or -3 manifest (metadata, indexes)."""
 _CHUNK = 8 << 20
 log = logging.getLogger("jaxckpt")
 
@@ -83,13 +88,13 @@ class Verdict:
     writer: Writer = "jaxckpt"
     incomplete: bool = False
     arrays: Any = None
-    """Version-2 manifests: ``{leaf path: fingerprint}`` of the state item, to compare
+    """Version-2 and -3 manifests: ``{leaf path: fingerprint}`` of the state item, to compare
     with the restored arrays (the files' bytes were not read to produce this verdict)."""
     records: Any = None
     """jaxckpt's JSON records read by the check (``{"meta": ..., "data_state": ...}``,
     those that passed their schema), so nobody reads them again."""
     saved: Any = None
-    """Version-2 manifests (newer ones): the state item's leaves, parsed
+    """Version-2 (newer ones) and -3 manifests: the state item's leaves, parsed
     (:class:`jaxckpt.target.SavedLeaves`), to check a restore target."""
 
     @property
@@ -151,7 +156,7 @@ def build_manifest(step_dir: epath.Path, step: int, arrays: dict | None = None,
     """The manifest of a committed step directory.
 
     With ``arrays`` (the state's record, :func:`jaxckpt.fingerprint.resolve`),
-    version 2: sizes of every file, checksums of the small ones only, so a save reads
+    version 3: sizes of every file, checksums of the small ones only, so a save reads
     back kilobytes, not the state. Without, version 1: every file read and checksummed.
     """
     files = {}
@@ -237,7 +242,7 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
         return ["not a JSON object"]
     if m.get("format") not in FORMATS:
         return [f"format is {m.get('format')!r}, expected one of {list(FORMATS)}"]
-    v2 = m["format"] == MANIFEST_FORMAT
+    v2 = m["format"] in _LEAF_FINGERPRINTS  # version 2 or later: fingerprinted arrays
     problems = []
     if m.get("step") != step or not _is_int(m.get("step")):
         problems.append(f"step is {m.get('step')!r}, expected {step}")
@@ -257,16 +262,16 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
                        or (_is_int(entry.get(algorithm)) and 0 <= entry[algorithm] < 2 ** 32))):
             problems.append(f"malformed entry for {rel!r}: {entry!r}")
     if v2:
-        problems += _arrays_schema(m.get("arrays"))
+        problems += _arrays_schema(m.get("arrays"), _LEAF_FINGERPRINTS[m["format"]])
     return problems
 
 
-def _arrays_schema(arrays: Any) -> list[str]:
+def _arrays_schema(arrays: Any, algorithms: tuple[str, ...]) -> list[str]:
     if not (isinstance(arrays, dict) and isinstance(arrays.get("leaves"), dict)):
         return ["'arrays' must be an object with 'leaves'"]
     for path, fp in arrays["leaves"].items():
         if not (isinstance(path, str) and isinstance(fp, dict) and fp and all(
-                k in ("crc32c", "wsum32") and _is_int(v) and 0 <= v < 2 ** 32
+                k in algorithms and _is_int(v) and 0 <= v < 2 ** fmt.FINGERPRINT_BITS[k]
                 for k, v in fp.items())):
             return [f"malformed array fingerprint for {path!r}: {fp!r}"]
     if "saved" not in arrays:  # absent from the first version-2 manifests

@@ -246,7 +246,7 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
         return jax.device_put([read[i] for i in batch], [placements[i] for i in batch])
 
     batches = _batches(moved, [read[i].nbytes for i in moved], _PLACE_BATCH_BYTES)
-    # The CRC (crc32c releases the GIL) and the copy run on several cores at once.
+    # The hash (it releases the GIL) and the copy run on several cores at once.
     placed = fingerprint.map_on_cores(place, batches,
                                       check is None or fingerprint.checks_in_parallel())
     for batch, arrays in zip(batches, placed):

@@ -283,7 +283,7 @@ class Writer:
         failure there is reported at the next call, as a failed write is.
 
         The fingerprints are finished while Orbax still writes (both only read the state):
-        the CRCs of host arrays then take none of the time from ``save()`` to the manifest.
+        the hashes of host arrays then take none of the time from ``save()`` to the manifest.
         """
         step_dir = self.directory / str(step)
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"

@@ -12,6 +12,7 @@ import warnings
 import zlib
 
 import google_crc32c
+import xxhash
 import jax
 import numpy as np
 import pytest
@@ -81,12 +82,13 @@ def rewrite_manifest(step_dir, step):
 
 
 def test_manifest_lists_every_file_and_fingerprints_every_array(saved):
-    """Version 2: sizes of every file, checksums of the small ones, and a fingerprint of
-    each array taken at save time, so the save reads back no array data."""
+    """Version 3: sizes of every file, checksums of the small ones, and a fingerprint of
+    each array taken at save time (XXH3-64 of a host array's bytes), so the save reads
+    back no array data."""
     d, states = saved
     step_dir = d / "4"
     manifest = json.loads((step_dir / "jaxckpt_manifest.json").read_text())
-    assert manifest["format"] == "jaxckpt-manifest/2" and manifest["step"] == 4
+    assert manifest["format"] == "jaxckpt-manifest/3" and manifest["step"] == 4
     files = {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == files - {"jaxckpt_manifest.json"}
     assert {"meta/metadata", "data_state/metadata", "_CHECKPOINT_METADATA"} <= files
@@ -102,7 +104,7 @@ def test_manifest_lists_every_file_and_fingerprints_every_array(saved):
     assert len(leaves) == len(saved_leaves) > 0
     for path, leaf in saved_leaves:
         key = jaxckpt.target.path_str(path)
-        assert leaves[key] == {"crc32c": google_crc32c.value(np.asarray(leaf).tobytes())}, key
+        assert leaves[key] == {"xxh3_64": xxhash.xxh3_64_intdigest(np.asarray(leaf).tobytes())}, key
 
 
 def test_crc32_manifests_of_older_writers_verify_and_catch_flipped_bytes(ckpt):
@@ -123,7 +125,7 @@ def test_crc32_manifests_of_older_writers_verify_and_catch_flipped_bytes(ckpt):
 
 @pytest.mark.parametrize("field, value, named", [
     ("algorithm", "xxh3_64", "checksum 'xxh3_64'"),
-    ("format", "jaxckpt-manifest/3", "manifest format 'jaxckpt-manifest/3'")])
+    ("format", "jaxckpt-manifest/4", "manifest format 'jaxckpt-manifest/4'")])
 def test_a_newer_writers_manifest_is_unverified_never_set_aside(ckpt, caplog, field, value,
                                                                 named):
     """Version skew is not corruption: an older reader restores the checkpoint (warning
@@ -437,7 +439,7 @@ def test_a_flipped_byte_in_any_array_is_named_and_skipped(tmp_path, leaf):
         k: v for k, v in manifest["arrays"].items() if k != "item"})
     assert resealed["arrays"] == manifest["arrays"]
     integrity.write_manifest(tmp_path / "2", resealed)
-    problem = rf"state/{leaf}: array data does not match its fingerprint \(crc32c"
+    problem = rf"state/{leaf}: array data does not match its fingerprint \(xxh3_64 0x[0-9a-f]{{16}}, manifest says 0x[0-9a-f]{{16}}\)"
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           states[1])
     with CheckpointManager(tmp_path, read_only=True) as m:
@@ -574,11 +576,12 @@ def test_restore_runs_no_unpickling(saved, monkeypatch):
         assert m.verify()[4] == []
 
 
-def test_fingerprints_of_either_crc32c_package_verify_with_the_other(tmp_path, monkeypatch):
-    """google-crc32c (holds the GIL: 2 MiB chunks) and crc32c (one call per array) compute
-    the same CRC-32C: a checkpoint fingerprinted by either restores and verifies with the
-    other, and a flipped byte is found either way."""
-    from jaxckpt import crc
+def test_crc32c_fingerprints_of_older_writers_verify_with_either_package(tmp_path, monkeypatch):
+    """Until 2026-12 host arrays were fingerprinted with CRC-32C. google-crc32c (holds the
+    GIL: 2 MiB chunks) and crc32c (one call per array) compute the same CRC-32C: such a
+    checkpoint fingerprinted by either restores and verifies with the other, and a
+    flipped byte is found either way."""
+    from jaxckpt import crc, fingerprint
 
     google = crc.Crc32c(google_crc32c.extend, True, False)
     fast = crc.best()
@@ -589,9 +592,16 @@ def test_fingerprints_of_either_crc32c_package_verify_with_the_other(tmp_path, m
     for step, (writer, reader) in enumerate([(google, fast), (fast, google)], start=1):
         d = tmp_path / str(step)
         monkeypatch.setattr(crc, "best", lambda: writer)
+        monkeypatch.setattr(fingerprint, "HOST_ALGORITHM", "crc32c")  # an older writer
         with CheckpointManager(d, CheckpointPolicy(keep_latest=1)) as m:
             m.save(1, state)
+        manifest = json.loads((d / "1" / integrity.MANIFEST_FILE).read_text())
+        assert manifest["arrays"]["leaves"]["large"] == {
+            "crc32c": google_crc32c.value(np.asarray(state["large"]).tobytes())}
+        manifest["format"] = "jaxckpt-manifest/2"  # as the older writer named it
+        integrity.write_manifest(d / "1", manifest)
         monkeypatch.setattr(crc, "best", lambda: reader)
+        monkeypatch.setattr(fingerprint, "HOST_ALGORITHM", "xxh3_64")  # read by today's
         with CheckpointManager(d, read_only=True) as m:
             assert m.verify() == {1: []}
             assert leaves_equal(m.restore(1, target=target), state)
@@ -614,11 +624,11 @@ def test_device_fingerprints_are_checked_on_the_calling_thread_in_tree_order(mon
     from jaxckpt.target import path_str
 
     tree = {f"a{i}": jax.numpy.arange(4096.0) + i for i in range(6)}
-    tree["host"] = np.arange(4096.0)  # a CRC: may run on a thread
+    tree["host"] = np.arange(4096.0)  # a hash of host bytes: may run on a thread
     expected = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, np.ndarray):
-            expected[path_str(path)] = fingerprint.finish(("crc32c", leaf))
+            expected[path_str(path)] = fingerprint.finish(("xxh3_64", leaf))
         else:
             expected[path_str(path)] = fingerprint.finish(
                 ("wsum32", fingerprint._of_device_array(leaf)))
