@@ -19,6 +19,11 @@ DISK_METHOD = {True: "the state's bytes in 64 MiB writes to one file, then fsync
                      "64 MiB reads after posix_fadvise(DONTNEED) evicted its pages",
                False: "one object PUT / GET via etils.epath"}
 
+IDLE_ROUNDS = 11
+"""At least this many rounds of idle writes and cold reads, the figures most exposed to
+page and disk noise (7 until 2026-12-03: a 512 MiB median of 7 idle saves moved by
++-15 % between runs, three times the CPU target's margin)."""
+
 
 def _base(cfg: dict, name: str) -> tuple[str, bool]:
     local = not measure.is_url(cfg["dir"])
@@ -59,8 +64,7 @@ def run_size(cfg: dict) -> dict:
             sync_saver.close()
             measure.rmtree(f"{base}/sync")
         d2h = phases.device_to_host(ctx)
-        # At least 7 rounds of the figures most exposed to page and disk noise.
-        writes = phases.idle_writes(ctx, d2h.pop("host"), base, max(cfg["rounds"], 7))
+        writes = phases.idle_writes(ctx, d2h.pop("host"), base, max(cfg["rounds"], IDLE_ROUNDS))
         on_disk = measure.tree_bytes(both["jaxckpt"].step_dir(ctx.last_step["jaxckpt"]))
         reads = phases.cold_reads(ctx, writes.pop("files"), local)
     finally:
