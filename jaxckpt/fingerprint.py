@@ -216,7 +216,7 @@ class Check:
                     not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
                 continue  # a Python scalar (as saved, or as Orbax reads a numpy scalar back)
             (hashes if _host_algorithm(want) else sums).append((key, _key_data(leaf), want))
-        got = map_on_cores(lambda t: _restored(t[1], t[2]), hashes, checks_in_parallel())
+        got = map_on_cores(lambda t: _restored(t[1], t[2]), hashes)
         got += [_restored(leaf, want) for _, leaf, want in sums]
         for (key, _, want), value in zip(hashes + sums, got):
             self._compare(key, value, want)
@@ -231,21 +231,16 @@ class Check:
                 f"{got[algorithm]:#0{width}x}, manifest says {want[algorithm]:#0{width}x})")
 
 
-def map_on_cores(fn: Callable[[Any], Any], items: list, threaded: bool) -> list:
-    """``[fn(x) for x in items]``, on up to 4 threads (no more than the cores) when
-    ``threaded`` and there is more than one item: for work that releases the GIL."""
+def map_on_cores(fn: Callable[[Any], Any], items: list) -> list:
+    """``[fn(x) for x in items]``, on up to 4 threads (no more than the cores) when there
+    is more than one item: for work that releases the GIL (XXH3, the crc32c package's
+    CRC of older manifests, array copies; google-crc32c's CRC does not, but its 2 MiB
+    chunks let the threads take turns)."""
     workers = min(4, os.cpu_count() or 1, len(items))
-    if not threaded or workers < 2:
+    if workers < 2:
         return [fn(x) for x in items]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, items))
-
-
-def checks_in_parallel() -> bool:
-    """Whether host checks gain from threads: XXH3 releases the GIL, and so does the
-    CRC of old manifests where the crc32c package provides it."""
-    impl = crc.best()
-    return HOST_ALGORITHM == "xxh3_64" or (impl is not None and impl.releases_gil)
 
 
 def _restored(leaf: Any, want: dict[str, int]) -> dict[str, int]:

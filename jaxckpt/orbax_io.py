@@ -247,8 +247,7 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
 
     batches = _batches(moved, [read[i].nbytes for i in moved], _PLACE_BATCH_BYTES)
     # The hash (it releases the GIL) and the copy run on several cores at once.
-    placed = fingerprint.map_on_cores(place, batches,
-                                      check is None or fingerprint.checks_in_parallel())
+    placed = fingerprint.map_on_cores(place, batches)
     for batch, arrays in zip(batches, placed):
         for i, array in zip(batch, arrays):
             read[i] = array
