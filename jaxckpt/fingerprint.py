@@ -191,7 +191,7 @@ class Check:
         is a hash of host bytes; a device fingerprint waits for the placed array."""
         key = self.prefix + path
         want = self.expected.get(key)
-        algorithm = want and _host_algorithm(want)
+        algorithm = _host_algorithm(want) if want is not None else None
         if algorithm is None:
             return
         self._done.add(key)

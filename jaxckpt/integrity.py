@@ -242,7 +242,7 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
         return ["not a JSON object"]
     if m.get("format") not in FORMATS:
         return [f"format is {m.get('format')!r}, expected one of {list(FORMATS)}"]
-    v2 = m["format"] in _LEAF_FINGERPRINTS  # version 2 or later: fingerprinted arrays
+    fingerprinted = m["format"] in _LEAF_FINGERPRINTS  # version 2 or later
     problems = []
     if m.get("step") != step or not _is_int(m.get("step")):
         problems.append(f"step is {m.get('step')!r}, expected {step}")
@@ -258,10 +258,10 @@ def _manifest_schema(m: Any, step: int) -> list[str]:
             problems.append(f"file path {rel!r} is {why}: it would lead outside the "
                             "checkpoint directory")
         elif not (isinstance(entry, dict) and _is_int(entry.get("size")) and entry["size"] >= 0
-                  and ((v2 and algorithm not in entry and entry["size"] > SMALL_FILE)
+                  and ((fingerprinted and algorithm not in entry and entry["size"] > SMALL_FILE)
                        or (_is_int(entry.get(algorithm)) and 0 <= entry[algorithm] < 2 ** 32))):
             problems.append(f"malformed entry for {rel!r}: {entry!r}")
-    if v2:
+    if fingerprinted:
         problems += _arrays_schema(m.get("arrays"), _LEAF_FINGERPRINTS[m["format"]])
     return problems
 
