@@ -2,7 +2,7 @@
 
 Synopsis::
 
-    python bench/overhead.py --quick --json out.json     # 3 small sizes, ~14 min on 2 cores
+    python bench/overhead.py --quick --json out.json     # 3 small sizes, ~17 min on 2 cores
     python bench/overhead.py --sizes 128 512 2048        # state sizes in MiB (params + Adam)
     python bench/overhead.py --sizes 4096 16384 --dir /mnt/fast   # a GPU host, another disk
 

@@ -19,10 +19,11 @@ DISK_METHOD = {True: "the state's bytes in 64 MiB writes to one file, then fsync
                      "64 MiB reads after posix_fadvise(DONTNEED) evicted its pages",
                False: "one object PUT / GET via etils.epath"}
 
-IDLE_ROUNDS = 11
+IDLE_ROUNDS = 12
 """At least this many rounds of idle writes and cold reads, the figures most exposed to
 page and disk noise (7 until 2026-12-03: a 512 MiB median of 7 idle saves moved by
-+-15 % between runs, three times the CPU target's margin)."""
++-15 % between runs, three times the CPU target's margin; then 11). An even number: each
+kind goes first in half of the rounds."""
 
 
 def _base(cfg: dict, name: str) -> tuple[str, bool]:
