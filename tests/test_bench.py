@@ -203,8 +203,43 @@ def test_figures_are_quotients_of_medians():
     assert raw["lost_per_save_over_host_copy"]["jaxckpt"] == pytest.approx(0.4 / 0.2)
     assert raw["save_blocking_p50_minus_orbax_s"] == pytest.approx(0.01)
     assert raw["throughput_over_orbax_pooled"] == pytest.approx(1.3 / 1.5)
-    check = next(c for c in report.VS_ORBAX if c.key == "lost_per_save_over_host_copy")
-    assert not check.met({"ratios": ratios, "raw": raw})  # 2.0 against Orbax's 1.0
+    # per round: 1.5 - (1.0, 1.2, 1.1) -> median 0.4; jaxckpt - Orbax 0.2 in every round
+    assert raw["lost_per_save_paired_over_host_copy"]["jaxckpt"] == pytest.approx(0.4 / 0.2)
+    assert raw["lost_per_save_paired_over_host_copy"]["orbax"] == pytest.approx(0.2 / 0.2)
+    assert raw["lost_per_save_minus_orbax_over_host_copy"] == pytest.approx(0.2 / 0.2)
+    check = next(c for c in report.VS_ORBAX
+                 if c.key == "lost_per_save_minus_orbax_over_host_copy")
+    assert not check.met({"ratios": ratios, "raw": raw})  # 2.0 host copies against 1.0
+
+
+def test_lost_per_save_against_orbax_compares_periods_of_the_same_round():
+    # The machine slows down over the run, and another tenant disturbs jaxckpt's period
+    # in round 3; in every other round jaxckpt's period is 0.1 s shorter than Orbax's.
+    # Unpaired medians (4.2 against 3.3 s) would call jaxckpt 0.9 s slower per save.
+    blocks = {"none": [_period(s) for s in (1.0, 2.0, 3.0, 4.0, 5.0)],
+              "jaxckpt": [_period(s, blocked=0.01) for s in (1.2, 2.2, 5.0, 4.2, 5.2)],
+              "orbax": [_period(s, blocked=0.01) for s in (1.3, 2.3, 3.3, 4.3, 5.3)]}
+    assert figures.lost_per_save(blocks, "jaxckpt") > figures.lost_per_save(blocks, "orbax")
+    assert figures.per_round_lost(blocks, "jaxckpt", "orbax") == pytest.approx(
+        [-0.1, -0.1, 1.7, -0.1, -0.1])
+    _, raw = figures.size_figures({
+        "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 5,
+        "model": {}, "platform": "cpu", "blocks": blocks,
+        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
+                  "peak_extra_private": 40, "peak_over_rest": 70, "loop_peak_over_rest": 20},
+        "extra_blocking": {"jaxckpt": [], "orbax": []}, "sync": [0.3],
+        "d2h": {"copy": [0.05], "device_get": [0.001]},
+        "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},
+                   "cpu_s": {"jaxckpt": [1.0], "orbax": [1.0]}, "disk_write_Bps": [1.0]},
+        "reads": {"restore_s": {"jaxckpt": [1.0], "orbax": [1.0]}, "disk_read_Bps": [1.0],
+                  "exact": True, "warm_s": 1.0, "verify_cold_s": None,
+                  "verify_cold_bytes": None},
+        "bytes_on_disk": 100, "orbax": {}, "disk_method": ""})
+    assert raw["lost_per_save_minus_orbax_over_host_copy"] == pytest.approx(-0.1 / 0.05)
+    check = next(c for c in report.VS_ORBAX
+                 if c.key == "lost_per_save_minus_orbax_over_host_copy")
+    assert check.met({"raw": raw})
+    assert not check.met({"raw": {"lost_per_save_minus_orbax_over_host_copy": 0.5}})
 
 
 def test_throughput_over_orbax_is_the_median_of_rounds_not_swayed_by_one_slow_period():
@@ -221,7 +256,7 @@ def test_throughput_over_orbax_is_the_median_of_rounds_not_swayed_by_one_slow_pe
         "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
                   "peak_extra_private": 40, "peak_over_rest": 70,
                   "loop_peak_over_rest": 20},
-        "extra_blocking": {"jaxckpt": [], "orbax": []}, "sync": [0.3],
+        "extra_blocking": {"jaxckpt": [0.01], "orbax": [0.01]}, "sync": [0.3],
         "d2h": {"copy": [0.2], "device_get": [0.001]},
         "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},
                    "cpu_s": {"jaxckpt": [0.5], "orbax": [0.5]}, "disk_write_Bps": [100.0]},
