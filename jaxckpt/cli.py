@@ -847,7 +847,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         with _quiet(args):
-            return args.func(args)
+            status = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone away is caught below
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (CliError, OSError, ValueError, RuntimeError) as e:
         # jaxckpt's own errors subclass these; each names the problem and the fix.
         message = " ".join(str(e).split()) or type(e).__name__
@@ -856,6 +860,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """``jaxckpt ls DIR | head``: the reader closed the pipe. Stop quietly, as a tool
+    killed by SIGPIPE does (Python would otherwise report the error again at exit)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_SIGPIPE
+
+
+EXIT_SIGPIPE = 128 + 13
+"""What a shell reports for a command killed by SIGPIPE."""
 
 
 if __name__ == "__main__":

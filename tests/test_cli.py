@@ -523,6 +523,21 @@ def test_console_script_and_python_dash_m(tutorial):
     assert one_error_line(missing.stderr).endswith("nope: no such directory.")
 
 
+def test_ls_into_a_pipe_closed_early_stops_quietly(tutorial):
+    # `jaxckpt ls DIR | head -1`: the reader is gone before ls writes (here, closed at
+    # once, while ls still imports jax). No traceback, no "Broken pipe" error line.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([_script(), "ls", str(tutorial)], stdout=w,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.stderr == ""
+    assert proc.returncode == 128 + 13  # as a command killed by SIGPIPE
+
+
 # -- demo -------------------------------------------------------------------------------
 
 
