@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import tempfile
 import textwrap
@@ -645,7 +646,8 @@ def _parser() -> argparse.ArgumentParser:
                "  jaxckpt plot /tmp/run/checkpoints -o curves.png\n"
                "  jaxckpt prune /tmp/run/checkpoints --keep-best 1 --keep-latest 1 --dry-run\n"
                "  jaxckpt demo --workdir /tmp/jaxckpt-demo --epochs 20\n\n"
-               "exit status: 0 ok, 1 verify found a bad checkpoint, 2 error.\n"
+               "exit status: 0 ok, 1 verify found a bad checkpoint, 2 error, 141 its\n"
+               "output's reader went away (jaxckpt ls DIR | head).\n"
                "Run 'jaxckpt COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -850,16 +852,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = args.func(args)
         sys.stdout.flush()  # here, so that a reader gone away is caught below
         return status
-    except BrokenPipeError:
-        return _reader_gone()
+    except BrokenPipeError as e:
+        # Ours when the reader of stdout went away; any other pipe's is an error.
+        return _reader_gone() if _stdout_gone() else _error(e)
     except (CliError, OSError, ValueError, RuntimeError) as e:
-        # jaxckpt's own errors subclass these; each names the problem and the fix.
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{_PROG}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+        return _error(e)
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(e: Exception) -> int:
+    """One line on stderr: jaxckpt's own errors each name the problem and the fix."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe that nobody reads any more (POLLERR on its write end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a file (a notebook, a capture)
+        return False
 
 
 def _reader_gone() -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import matplotlib.image
 import pytest
 
-from jaxckpt import CheckpointManager, CheckpointPolicy
+from jaxckpt import CheckpointManager, CheckpointPolicy, cli
 from jaxckpt.cli import main, parse_bytes, plan_prune
 from jaxckpt.policy import Record
 from _util import TUTORIAL_LOSSES, init_state, train_step
@@ -536,6 +536,17 @@ def test_ls_into_a_pipe_closed_early_stops_quietly(tutorial):
         os.close(w)
     assert proc.stderr == ""
     assert proc.returncode == 128 + 13  # as a command killed by SIGPIPE
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(tutorial, monkeypatch, capsys):
+    # A pipe to something else (a store's connection) broke: that is an error to report,
+    # not a reader that went away.
+    def ls(args):
+        raise BrokenPipeError(32, "Broken pipe (the connection to the store)")
+
+    monkeypatch.setattr(cli, "cmd_ls", ls)
+    assert main(["ls", str(tutorial)]) == 2
+    assert "the connection to the store" in one_error_line(capsys.readouterr().err)
 
 
 # -- demo -------------------------------------------------------------------------------
