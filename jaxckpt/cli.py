@@ -33,6 +33,7 @@ from typing import Any, Sequence
 __all__ = ["main", "plan_prune", "parse_bytes"]
 
 EXIT_OK, EXIT_BAD_CHECKPOINT, EXIT_ERROR = 0, 1, 2
+EXIT_SIGPIPE = 128 + 13  # the reader of stdout went away, as a shell reports SIGPIPE
 _PROG = "jaxckpt"
 
 
@@ -886,10 +887,6 @@ def _reader_gone() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return EXIT_SIGPIPE
-
-
-EXIT_SIGPIPE = 128 + 13
-"""What a shell reports for a command killed by SIGPIPE."""
 
 
 if __name__ == "__main__":

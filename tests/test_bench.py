@@ -212,6 +212,24 @@ def test_figures_are_quotients_of_medians():
     assert not check.met({"ratios": ratios, "raw": raw})  # 2.0 host copies against 1.0
 
 
+def _size_inputs(blocks: dict, host_copy_s: float) -> dict:
+    """``figures.size_figures``'s input around ``blocks``: every other phase one plain
+    sample, for tests about the periods."""
+    return {
+        "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True,
+        "rounds": len(blocks["none"]), "model": {}, "platform": "cpu", "blocks": blocks,
+        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
+                  "peak_extra_private": 40, "peak_over_rest": 70, "loop_peak_over_rest": 20},
+        "extra_blocking": {"jaxckpt": [], "orbax": []}, "sync": [0.3],
+        "d2h": {"copy": [host_copy_s], "device_get": [0.001]},
+        "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},
+                   "cpu_s": {"jaxckpt": [0.5], "orbax": [0.5]}, "disk_write_Bps": [100.0]},
+        "reads": {"restore_s": {"jaxckpt": [1.0], "orbax": [1.0]}, "disk_read_Bps": [200.0],
+                  "exact": True, "warm_s": 0.1, "verify_cold_s": None,
+                  "verify_cold_bytes": None},
+        "bytes_on_disk": 100, "orbax": {}, "disk_method": ""}
+
+
 def test_lost_per_save_against_orbax_compares_periods_of_the_same_round():
     # The machine slows down over the run, and another tenant disturbs jaxckpt's period
     # in round 3; in every other round jaxckpt's period is 0.1 s shorter than Orbax's.
@@ -222,19 +240,7 @@ def test_lost_per_save_against_orbax_compares_periods_of_the_same_round():
     assert figures.lost_per_save(blocks, "jaxckpt") > figures.lost_per_save(blocks, "orbax")
     assert figures.per_round_lost(blocks, "jaxckpt", "orbax") == pytest.approx(
         [-0.1, -0.1, 1.7, -0.1, -0.1])
-    _, raw = figures.size_figures({
-        "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 5,
-        "model": {}, "platform": "cpu", "blocks": blocks,
-        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
-                  "peak_extra_private": 40, "peak_over_rest": 70, "loop_peak_over_rest": 20},
-        "extra_blocking": {"jaxckpt": [], "orbax": []}, "sync": [0.3],
-        "d2h": {"copy": [0.05], "device_get": [0.001]},
-        "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},
-                   "cpu_s": {"jaxckpt": [1.0], "orbax": [1.0]}, "disk_write_Bps": [1.0]},
-        "reads": {"restore_s": {"jaxckpt": [1.0], "orbax": [1.0]}, "disk_read_Bps": [1.0],
-                  "exact": True, "warm_s": 1.0, "verify_cold_s": None,
-                  "verify_cold_bytes": None},
-        "bytes_on_disk": 100, "orbax": {}, "disk_method": ""})
+    _, raw = figures.size_figures(_size_inputs(blocks, host_copy_s=0.05))
     assert raw["lost_per_save_minus_orbax_over_host_copy"] == pytest.approx(-0.1 / 0.05)
     check = next(c for c in report.VS_ORBAX
                  if c.key == "lost_per_save_minus_orbax_over_host_copy")
@@ -250,20 +256,7 @@ def test_throughput_over_orbax_is_the_median_of_rounds_not_swayed_by_one_slow_pe
               "orbax": [_period(1.1, blocked=0.02)] * 3}
     assert figures.per_round_speedup(blocks, "jaxckpt", "orbax") == pytest.approx(
         [1.1, 1.1 / 4.0, 1.1])
-    ratios, raw = figures.size_figures({
-        "state_bytes": 100, "every": 10, "step_s": 0.1, "on_cpu": True, "rounds": 3,
-        "model": {}, "platform": "cpu", "blocks": blocks,
-        "first": {"rss_train": 0, "period": blocks["jaxckpt"][0], "peak_extra_rss": 50,
-                  "peak_extra_private": 40, "peak_over_rest": 70,
-                  "loop_peak_over_rest": 20},
-        "extra_blocking": {"jaxckpt": [0.01], "orbax": [0.01]}, "sync": [0.3],
-        "d2h": {"copy": [0.2], "device_get": [0.001]},
-        "writes": {"wall_s": {"jaxckpt": [1.0], "orbax": [1.0]},
-                   "cpu_s": {"jaxckpt": [0.5], "orbax": [0.5]}, "disk_write_Bps": [100.0]},
-        "reads": {"restore_s": {"jaxckpt": [1.0], "orbax": [1.0]},
-                  "disk_read_Bps": [200.0], "exact": True, "warm_s": 0.1,
-                  "verify_cold_s": None, "verify_cold_bytes": None},
-        "bytes_on_disk": 100, "orbax": {}, "disk_method": ""})
+    ratios, raw = figures.size_figures(_size_inputs(blocks, host_copy_s=0.2))
     assert ratios["throughput_over_orbax"] == pytest.approx(1.1)
     assert raw["throughput_over_orbax_pooled"] == pytest.approx(3.3 / 6.0)
     assert raw["throughput_over_orbax_per_round"] == pytest.approx([1.1, 0.275, 1.1])
