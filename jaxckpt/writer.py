@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
-from jaxckpt import fingerprint, integrity, orbax_io, storage
+from jaxckpt import fingerprint, hostmem, integrity, orbax_io, storage
 from jaxckpt import target as target_lib
 from jaxckpt import format as fmt
 from jaxckpt import ledger as ledger_lib
@@ -50,8 +50,12 @@ def write_deadline(timeout: float | None, started: dict) -> float | None:
     record): the storage deadline plus the state's bytes at the slowest healthy speed."""
     if timeout is None:
         return None
-    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for _, leaf in started.values())
-    return timeout + nbytes / MIN_STORE_BYTES_PER_S
+    return timeout + state_nbytes(started) / MIN_STORE_BYTES_PER_S
+
+
+def state_nbytes(started: dict) -> int:
+    """The bytes of the arrays in ``of_tree``'s record of a state."""
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for _, leaf in started.values())
 
 
 class Writer:
@@ -175,6 +179,7 @@ class Writer:
         # that reads them after save() returns
         saveable = target_lib.to_saveable(state, snapshot=self.async_save)
         started = fingerprint.of_tree(saveable)  # dispatched now, read in the background
+        hostmem.keep_freed_pages(state_nbytes(started))  # the step after it reuses pages
         if self.policy.monitor and metrics is None and not force and not self._warned:
             self._warned = True
             log.warning("save(step=%d) without metrics: a checkpoint saved without %r is "
