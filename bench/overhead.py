@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "that hands free pages back to its host, timings then vary ~2x)")
     p.add_argument("--keep-logs", action="store_true", help="keep the subprocess logs")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -99,6 +100,11 @@ def main(argv=None) -> int:
     if args.child:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         child_main(json.loads(args.child))
+        return 0
+    if args.worker:
+        from ckptbench.workers import serve
+
+        serve(json.loads(args.worker))
         return 0
     from rich.console import Console
 

@@ -120,6 +120,9 @@ def test_overhead_tiny_run_writes_every_key(smoke):
     assert {"numpy_copy_p50", "device_get_p50", "floor"} <= set(size["raw"]["d2h_s"])
     assert set(size["raw"]["lost_per_save_over_host_copy"]) == {"jaxckpt", "orbax"}
     assert size["raw"]["restore_exact"] is True
+    # Each kind ran in a process of its own (malloc settings are per process).
+    pids = size["raw"]["processes"]
+    assert set(pids) == {"none", "jaxckpt", "orbax"} and len(set(pids.values())) == 3
     assert {"start", "end"} <= set(size["load"])
     leaves = result["many_leaves"]
     assert leaves["n_leaves"] >= 30

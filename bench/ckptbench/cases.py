@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from ckptbench import figures, measure, phases, savers, workload
+from ckptbench import figures, measure, phases, rounds, savers, workers, workload
 from ckptbench.progress import emit
 
 DISK_METHOD = {True: "the state's bytes in 64 MiB writes to one file, then fsync; read in "
@@ -34,9 +34,11 @@ def _base(cfg: dict, name: str) -> tuple[str, bool]:
     return base, local
 
 
-def _both(base: str) -> dict:
-    return {"jaxckpt": savers.JaxckptSaver(f"{base}/jaxckpt"),
-            "orbax": savers.OrbaxSaver(f"{base}/orbax")}
+SCRIPT = str(Path(__file__).resolve().parents[1] / "overhead.py")
+
+
+def _workers(cfg: dict, base: str, kinds: tuple[str, ...]) -> dict[str, workers.Worker]:
+    return workers.start(SCRIPT, cfg | {"base": base}, kinds)
 
 
 def _training(cfg: dict) -> tuple[workload.Workload, float, int]:
@@ -48,40 +50,43 @@ def _training(cfg: dict) -> tuple[workload.Workload, float, int]:
 
 
 def run_size(cfg: dict) -> dict:
-    """Every figure for one state size: the phases in order, then ``figures``."""
+    """Every figure for one state size: the phases in order, then ``figures``. Each kind
+    runs in a worker process of its own (``workers``), with the same state."""
     base, local = _base(cfg, f"size-{cfg['size_mb']:g}")
-    rss = measure.RssSampler()
-    w, step_s, every = _training(cfg)
-    both = _both(base)
-    ctx = phases.Context(w, both, every, rss, prefault=cfg["prefault"])
+    emit("building state")
+    sides = _workers(cfg, base, ("none", "jaxckpt", "orbax"))
     try:
-        first = phases.first_save(ctx)
-        blocks = phases.interleaved_periods(ctx, cfg["rounds"])
-        extra = phases.blocking_saves(ctx, cfg["blocking_reps"])
-        sync_saver = savers.JaxckptSaver(f"{base}/sync", async_save=False)
-        try:
-            sync = phases.sync_saves(ctx, sync_saver)
-        finally:
-            sync_saver.close()
-            measure.rmtree(f"{base}/sync")
-        d2h = phases.device_to_host(ctx)
-        writes = phases.idle_writes(ctx, d2h.pop("host"), base, max(cfg["rounds"], IDLE_ROUNDS))
-        on_disk = measure.tree_bytes(both["jaxckpt"].step_dir(ctx.last_step["jaxckpt"]))
-        reads = phases.cold_reads(ctx, writes.pop("files"), local)
+        emit("compiling")
+        step_s = sides["none"].call("step_time", interval_s=cfg["interval"])
+        every = cfg["steps"] or max(2, round(cfg["interval"] / step_s))
+        for side in sides.values():
+            side.call("set_every", every=every)
+        emit("first save (memory)")
+        first = sides["jaxckpt"].call("first_save", kind="jaxckpt")
+        sides["orbax"].call("warm")
+        blocks = rounds.interleaved_periods(sides, cfg["rounds"])
+        extra = rounds.blocking_saves(sides, cfg["blocking_reps"])
+        emit("sync saves")
+        sync = sides["jaxckpt"].call("sync_saves", directory=f"{base}/sync")
+        emit("device-to-host")
+        d2h = sides["none"].call("device_to_host")
+        writes = rounds.idle_writes(sides, base, max(cfg["rounds"], IDLE_ROUNDS))
+        on_disk = sides["jaxckpt"].call("bytes_on_disk")
+        reads = rounds.cold_reads(sides, writes.pop("files"), local)
     finally:
-        for s in both.values():
-            s.close()
-        rss.close()
+        workers.close_all(sides)
         if local:
             measure.rmtree(base)
+    info = sides["jaxckpt"].info
     ratios, raw = figures.size_figures({
-        "state_bytes": w.state_bytes, "every": every, "step_s": step_s,
-        "on_cpu": w.platform == "cpu", "rounds": cfg["rounds"], "model": w.model,
-        "platform": w.platform, "first": first, "blocks": blocks, "extra_blocking": extra,
-        "sync": sync, "d2h": d2h, "writes": writes, "reads": reads,
+        "state_bytes": info["state_bytes"], "every": every, "step_s": step_s,
+        "on_cpu": info["platform"] == "cpu", "rounds": cfg["rounds"], "model": info["model"],
+        "platform": info["platform"], "first": first, "blocks": blocks,
+        "extra_blocking": extra, "sync": sync, "d2h": d2h, "writes": writes, "reads": reads,
         "bytes_on_disk": on_disk, "orbax": savers.describe(),
         "disk_method": DISK_METHOD[local]})
-    return {"size_mb": cfg["size_mb"], "state_bytes": w.state_bytes, "ratios": ratios,
+    raw["processes"] = {k: s.info["pid"] for k, s in sides.items()}
+    return {"size_mb": cfg["size_mb"], "state_bytes": info["state_bytes"], "ratios": ratios,
             "raw": raw}
 
 
@@ -109,59 +114,41 @@ def run_first_save(cfg: dict) -> dict:
 
 
 def run_leaves(cfg: dict) -> dict:
-    """A state of many small arrays: save (then wait) and cold restore, per leaf."""
-    import jax
-
+    """A state of many small arrays: save (then wait) and cold restore, per leaf; each
+    kind in a worker process of its own."""
     base, local = _base(cfg, "leaves")
     emit("building state")
-    w = workload.many_leaves(cfg["leaves"])
-    emit("compiling")
-    w.run(2)
-    both = _both(base)
-    ctx = phases.Context(w, both, every=1, rss=None, prefault=cfg["prefault"])
     kinds = phases.KINDS
+    sides = _workers(cfg, base, kinds)
     blocked = {k: [] for k in kinds}
     save_s = {k: [] for k in kinds}
     restore_s = {k: [] for k in kinds}
     try:
+        emit("compiling")
         for kind in kinds:  # warm each side's thread pools, outside every figure
-            ctx.save(kind)
-            both[kind].wait()
+            sides[kind].call("warm")
         for r in range(cfg["rounds"]):
             emit(f"saves {r + 1}/{cfg['rounds']}")
             for kind in phases.rotated(kinds, r):
-                w.run(1)
-                ctx.back_pages()
-                held = []
-
-                def write(kind=kind, held=held):
-                    held.append(ctx.save(kind))
-                    both[kind].wait()
-
-                save_s[kind].append(measure.timed(write)[0])
-                blocked[kind].append(held[0])
-        on_disk = measure.tree_bytes(both["jaxckpt"].step_dir(ctx.last_step["jaxckpt"]))
-        target = w.abstract()
+                s, held = sides[kind].call("leaf_save")
+                save_s[kind].append(s)
+                blocked[kind].append(held)
+        on_disk = sides["jaxckpt"].call("bytes_on_disk")
         emit("restores")
         for r in range(cfg["rounds"]):
             for kind in phases.rotated(kinds, r):
-                if local:
-                    measure.drop_page_cache(both[kind].directory)
-                ctx.back_pages()
-                t = time.perf_counter()
-                jax.block_until_ready(both[kind].restore(ctx.last_step[kind], target))
-                restore_s[kind].append(time.perf_counter() - t)
+                restore_s[kind].append(sides[kind].call("leaf_restore", local=local))
     finally:
-        for s in both.values():
-            s.close()
+        workers.close_all(sides)
         if local:
             measure.rmtree(base)
+    info = sides["jaxckpt"].info
     ratios, raw = figures.leaves_figures({
-        "n_leaves": w.n_leaves, "state_bytes": w.state_bytes, "model": w.model,
-        "blocked_s": blocked, "save_s": save_s, "restore_s": restore_s,
-        "bytes_on_disk": on_disk})
-    return {"n_leaves": w.n_leaves, "state_bytes": w.state_bytes, "ratios": ratios,
-            "raw": raw}
+        "n_leaves": info["n_leaves"], "state_bytes": info["state_bytes"],
+        "model": info["model"], "blocked_s": blocked, "save_s": save_s,
+        "restore_s": restore_s, "bytes_on_disk": on_disk})
+    return {"n_leaves": info["n_leaves"], "state_bytes": info["state_bytes"],
+            "ratios": ratios, "raw": raw}
 
 
 def run_auto(cfg: dict) -> dict:

@@ -1,8 +1,8 @@
-"""One measurement per function, each interleaving jaxckpt and raw Orbax alike.
+"""What one process measures of its own saver: one operation per function.
 
-A phase takes a :class:`Context` (the workload, both savers, the save interval) and
-returns plain numbers; ``figures`` turns them into ratios. Orders are rotated or
-alternated between rounds, so load from other processes hits every kind alike.
+A function takes a :class:`Context` (the workload, this process's saver, the save
+interval) and returns plain, JSON-able numbers. ``rounds`` runs them in one process per
+kind (``workers``), interleaved; ``figures`` turns the numbers into ratios.
 """
 
 from __future__ import annotations
@@ -27,12 +27,19 @@ class Context:
     prefault: bool = True  # measure.back_free_pages before each timed operation
     gstep: int = 0
     last_step: dict[str, int] = dataclasses.field(default_factory=dict)
+    host: list | None = None  # a host copy of the state (device_to_host's last)
+    reference: list | None = None  # the state a restore must equal (before_reads)
 
     def back_pages(self) -> None:
         """Backed free pages for the next timed operation: as many as its page cache and
         a copy of the state can take (see ``measure.back_free_pages``)."""
         if self.prefault:
             measure.back_free_pages(2 * self.w.state_bytes + 64 * measure.MiB)
+
+    @property
+    def kind(self) -> str:
+        """This process's saver ("none": the loop without one, and the floors)."""
+        return next(iter(self.savers), "none")
 
     def save(self, kind: str) -> float:
         """One save of the current state at a new step; returns how long it blocked.
@@ -71,6 +78,13 @@ def period(ctx: Context, kind: str) -> dict:
 
     ``kind`` "none" is the same K steps without a save: the baseline.
     """
+    if ctx.rss is None:  # sampled only while measured: idle workers leave the cores alone
+        ctx.rss = measure.RssSampler()
+        try:
+            return period(ctx, kind)
+        finally:
+            ctx.rss.close()
+            ctx.rss = None
     ctx.back_pages()
     before, private_before = ctx.rss.now(), ctx.rss.now(private=True)
     cpu0, start = time.process_time(), time.perf_counter()
@@ -98,6 +112,13 @@ def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
     rest (by 0.3-0.9x the state at 32 MiB here), and a save does not cause them. Each
     figure comes twice: of the RSS, and of its private part (``measure.RssSampler``).
     """
+    if ctx.rss is None:
+        ctx.rss = measure.RssSampler()
+        try:
+            return first_save(ctx, kind)
+        finally:
+            ctx.rss.close()
+            ctx.rss = None
     emit("first save (memory)")
     ctx.w.run(1)
     time.sleep(0.05)
@@ -116,28 +137,6 @@ def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
             "peak_over_rest": p["peak_rss"] - rss_train,
             "peak_extra_rss": p["peak_rss"] - loop_peak,
             "peak_extra_private": p["peak_private"] - loop_private}
-
-
-def interleaved_periods(ctx: Context, rounds: int) -> dict[str, list[dict]]:
-    """``rounds`` rounds of (no save, jaxckpt, orbax) periods, the order rotated."""
-    blocks: dict[str, list[dict]] = {"none": [], "jaxckpt": [], "orbax": []}
-    for r in range(rounds):
-        for kind in rotated(blocks, r):
-            emit(f"round {r + 1}/{rounds}: {kind}")
-            blocks[kind].append(period(ctx, kind))
-    return blocks
-
-
-def blocking_saves(ctx: Context, reps: int) -> dict[str, list[float]]:
-    """More async saves for the blocking statistics, in alternating pairs."""
-    emit("blocking")
-    out: dict[str, list[float]] = {k: [] for k in KINDS}
-    for i in range(reps):
-        for kind in rotated(KINDS, i):
-            out[kind].append(ctx.save(kind))
-            ctx.w.run(1)
-            ctx.savers[kind].wait()
-    return out
 
 
 def sync_saves(ctx: Context, saver, n: int = 2) -> list[float]:
@@ -179,87 +178,118 @@ def device_to_host(ctx: Context, n: int = 3) -> dict:
     return {"device_get": get, "copy": copy, "host": host}
 
 
-def idle_writes(ctx: Context, host: list, base: str, reps: int) -> dict:
-    """Full writes (save, then wait; no training meanwhile), each round next to a plain
-    sequential write of as many bytes, so that both see the same disk and host load.
-
-    Returns wall and CPU seconds per kind, the disk's write bandwidth per round, and the
-    plain files (kept for ``cold_reads``).
-    """
-    wall: dict[str, list[float]] = {k: [] for k in KINDS}
-    cpu: dict[str, list[float]] = {k: [] for k in KINDS}
-    files, disk = [], []
-    for i in range(reps):
-        emit(f"writes {i + 1}/{reps}")
-        files.append(f"{base}/disk-bandwidth-{i}.bin")
-        measure.settle()
-        ctx.back_pages()
-        disk.append(measure.disk_write(host, files[-1]))
-        for kind in rotated(KINDS, i):
-            ctx.w.run(1)  # fresh buffers: on GPU a second save would reuse the host copy
-            measure.settle()
-            ctx.back_pages()
-
-            def write(kind=kind):
-                ctx.save(kind)
-                ctx.savers[kind].wait()
-
-            s, c = measure.timed(write)
-            wall[kind].append(s)
-            cpu[kind].append(c)
-    return {"wall_s": wall, "cpu_s": cpu, "disk_write_Bps": disk, "files": files}
+def warm(ctx: Context) -> None:
+    """One save and its wait, outside every figure: thread pools and files exist."""
+    ctx.save(ctx.kind)
+    ctx.savers[ctx.kind].wait()
 
 
-def cold_reads(ctx: Context, files: list[str], local: bool) -> dict:
-    """Cold restores of each kind's newest checkpoint, each round next to a cold plain
-    read of as many bytes; jaxckpt's restore is checked bit for bit against a copy taken
-    before its save (the steps after the save donate the saved buffers).
+def blocking_save(ctx: Context) -> float:
+    """One more async save for the blocking statistics: how long ``save()`` blocked."""
+    blocked = ctx.save(ctx.kind)
+    ctx.w.run(1)
+    ctx.savers[ctx.kind].wait()
+    return blocked
 
-    Each round restores in the order A B B A (B A A B the next round): whichever restore
-    ran second in a round took 0.3-0.6 s longer at 512 MiB, for both kinds, and with one
-    restore each per round the odd round decided which kind's median carried it."""
+
+def idle_write(ctx: Context) -> list[float]:
+    """Wall and CPU seconds of one full write: save, then wait, no training meanwhile."""
+    ctx.w.run(1)  # fresh buffers: on GPU a second save would reuse the host copy
+    measure.settle()
+    ctx.back_pages()
+
+    def write():
+        ctx.save(ctx.kind)
+        ctx.savers[ctx.kind].wait()
+
+    return list(measure.timed(write))
+
+
+def disk_write(ctx: Context, path: str) -> float:
+    """The disk's plain sequential write bandwidth, of a host copy as big as the state
+    (``device_to_host`` keeps it)."""
+    measure.settle()
+    ctx.back_pages()
+    return measure.disk_write(ctx.host, path)
+
+
+def disk_read(ctx: Context, path: str) -> float:
+    ctx.back_pages()
+    return measure.disk_read(path)  # evicts the file's pages itself
+
+
+def remove(ctx: Context, paths: list[str]) -> None:
+    for path in paths:
+        measure.remove(path)
+
+
+def bytes_on_disk(ctx: Context) -> int | None:
+    return measure.tree_bytes(ctx.savers[ctx.kind].step_dir(ctx.last_step[ctx.kind]))
+
+
+def before_reads(ctx: Context) -> None:
+    """A last save, with a host copy of the state it saves: each restore is checked bit
+    for bit against it (the steps after the save donate the saved buffers)."""
+    ctx.w.run(1)
+    ctx.reference = ctx.w.host_copy()
+    warm(ctx)
+    ctx.w.run(2)
+
+
+def cold_restore(ctx: Context, local: bool) -> dict:
+    """Seconds of one restore of the newest checkpoint from a cold page cache, and
+    whether it equals the saved state (None without a reference copy)."""
     import jax
     import numpy as np
 
-    emit("reads")
-    ctx.w.run(1)
-    reference = ctx.w.host_copy()
-    ctx.save("jaxckpt")
-    ctx.w.run(2)
-    ctx.savers["jaxckpt"].wait()
-    target = ctx.w.abstract()
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
-    disk, exact = [], True
-    for i, path in enumerate(files):
-        ctx.back_pages()
-        disk.append(measure.disk_read(path))  # evicts the file's pages itself
-        order = rotated(KINDS, i)
-        for kind in order + order[::-1]:
-            saver = ctx.savers[kind]
-            if local:
-                measure.drop_page_cache(saver.directory)
-            ctx.back_pages()
-            t = time.perf_counter()
-            restored = saver.restore(ctx.last_step[kind], target)
-            jax.block_until_ready(restored)
-            times[kind].append(time.perf_counter() - t)
-            if kind == "jaxckpt":
-                leaves = jax.tree.leaves(restored)
-                exact = exact and len(leaves) == len(reference) and all(
-                    np.array_equal(np.asarray(a), b) for a, b in zip(leaves, reference))
-            del restored
-    for path in files:
-        measure.remove(path)
-    jm = ctx.savers["jaxckpt"]
+    saver = ctx.savers[ctx.kind]
+    if local:
+        measure.drop_page_cache(saver.directory)
+    ctx.back_pages()
     t = time.perf_counter()
-    jax.block_until_ready(jm.restore(ctx.last_step["jaxckpt"], target))
-    warm = time.perf_counter() - t
+    restored = saver.restore(ctx.last_step[ctx.kind], ctx.w.abstract())
+    jax.block_until_ready(restored)
+    s = time.perf_counter() - t
+    exact = None
+    if ctx.reference is not None:
+        leaves = jax.tree.leaves(restored)
+        exact = len(leaves) == len(ctx.reference) and all(
+            np.array_equal(np.asarray(a), b) for a, b in zip(leaves, ctx.reference))
+    return {"s": s, "exact": exact}
+
+
+def warm_restore_and_verify(ctx: Context, local: bool) -> dict:
+    """A restore from a warm page cache, and a cold ``verify()`` (jaxckpt)."""
+    import jax
+
+    saver = ctx.savers[ctx.kind]
+    t = time.perf_counter()
+    jax.block_until_ready(saver.restore(ctx.last_step[ctx.kind], ctx.w.abstract()))
+    warm_s = time.perf_counter() - t
     verify_s = verify_bytes = None
     if local:
-        measure.drop_page_cache(jm.directory)
-        verify_bytes = measure.tree_bytes(jm.directory)
+        measure.drop_page_cache(saver.directory)
+        verify_bytes = measure.tree_bytes(saver.directory)
         t = time.perf_counter()
-        jm.verify()
+        saver.verify()
         verify_s = time.perf_counter() - t
-    return {"restore_s": times, "disk_read_Bps": disk, "exact": exact, "warm_s": warm,
-            "verify_cold_s": verify_s, "verify_cold_bytes": verify_bytes}
+    return {"warm_s": warm_s, "verify_cold_s": verify_s, "verify_cold_bytes": verify_bytes}
+
+
+def leaf_save(ctx: Context) -> list[float]:
+    """Many small leaves: seconds of one save and its wait, and how long it blocked."""
+    ctx.w.run(1)
+    ctx.back_pages()
+    held = []
+
+    def write():
+        held.append(ctx.save(ctx.kind))
+        ctx.savers[ctx.kind].wait()
+
+    return [measure.timed(write)[0], held[0]]
+
+
+def leaf_restore(ctx: Context, local: bool) -> float:
+    return cold_restore(ctx, local)["s"]
+
+

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 
 PREFIX = "@@bench "
+QUIET_ENV = "CKPTBENCH_QUIET"
+"""Set in a case's workers (``workers``): the case reports their progress itself."""
 
 
 def emit(desc: str, advance: int = 1) -> None:
     """Tell the parent that one unit of the case's work is done (``desc``: what is next)."""
+    if os.environ.get(QUIET_ENV) == "1":
+        return
     print(PREFIX + json.dumps({"desc": desc, "advance": advance}), flush=True)
 
 
