@@ -65,14 +65,14 @@ def keep_freed_pages(nbytes: int) -> bool:
     not apply, memory behaves as before."""
     global _kept, _mallopt
     want = min(2 * int(nbytes), 2**31 - 1)  # mallopt takes an int
-    if want <= _kept:
+    if _kept and want <= _kept:
         return True
     with _lock:
         if _mallopt is None:
             _mallopt = _glibc_mallopt()
         if not _mallopt:
             return False
-        if want <= _kept:
+        if _kept and want <= _kept:
             return True
         if not _kept and not _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
             _mallopt = False
