@@ -8,6 +8,7 @@ kind (``workers``), interleaved; ``figures`` turns the numbers into ratios.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -73,18 +74,29 @@ def step_time(w: Workload, interval_s: float) -> float:
     return (time.perf_counter() - t) / n
 
 
+def sampled(fn):
+    """``fn(ctx, ...)`` with an RSS sampler in ``ctx.rss``, started for the call when the
+    context has none: a worker samples only while it is measured, and an idle worker's
+    sampler thread does not take the cores the measured one uses."""
+    @functools.wraps(fn)
+    def run(ctx: Context, *args, **kwargs):
+        if ctx.rss is not None:
+            return fn(ctx, *args, **kwargs)
+        ctx.rss = measure.RssSampler()
+        try:
+            return fn(ctx, *args, **kwargs)
+        finally:
+            ctx.rss.close()
+            ctx.rss = None
+    return run
+
+
+@sampled
 def period(ctx: Context, kind: str) -> dict:
     """One period of "save every K steps": the save, K steps, any wait for the write.
 
     ``kind`` "none" is the same K steps without a save: the baseline.
     """
-    if ctx.rss is None:  # sampled only while measured: idle workers leave the cores alone
-        ctx.rss = measure.RssSampler()
-        try:
-            return period(ctx, kind)
-        finally:
-            ctx.rss.close()
-            ctx.rss = None
     ctx.back_pages()
     before, private_before = ctx.rss.now(), ctx.rss.now(private=True)
     cpu0, start = time.process_time(), time.perf_counter()
@@ -102,6 +114,7 @@ def period(ctx: Context, kind: str) -> dict:
             "private_before": private_before}
 
 
+@sampled
 def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
     """The process's first save of ``kind``, while training: the user's real peak memory
     (one-time thread pools and buffers included) over the same loop without saving. The
@@ -112,13 +125,6 @@ def first_save(ctx: Context, kind: str = "jaxckpt") -> dict:
     rest (by 0.3-0.9x the state at 32 MiB here), and a save does not cause them. Each
     figure comes twice: of the RSS, and of its private part (``measure.RssSampler``).
     """
-    if ctx.rss is None:
-        ctx.rss = measure.RssSampler()
-        try:
-            return first_save(ctx, kind)
-        finally:
-            ctx.rss.close()
-            ctx.rss = None
     emit("first save (memory)")
     ctx.w.run(1)
     time.sleep(0.05)
