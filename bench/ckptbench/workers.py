@@ -35,6 +35,7 @@ class Worker:
 
     def __init__(self, script: str, cfg: dict, kind: str):
         self.kind = kind
+        self.info: dict = {}  # the worker's state and pid, once it answered ``info``
         env = {**os.environ, progress.QUIET_ENV: "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
         self._proc = subprocess.Popen(
             [sys.executable, script, "--worker", json.dumps(cfg | {"kind": kind})],
