@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 
 from jaxckpt import fingerprint, storage
@@ -208,17 +209,15 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     """Read an item into ``abstract`` (``jax.ShapeDtypeStruct`` leaves with shardings);
     with ``subtree``, ``abstract`` is that subtree's and only its arrays are read.
 
-    Arrays of up to a few MiB that this process holds whole are read as numpy and placed
-    on their devices afterwards, in batched ``device_put``s of a cache's worth each; with
-    ``check``, each batch is checked against its fingerprints just before it is copied,
-    so the copy reads the bytes from the cache, not from memory again. Orbax instead
-    places each array with a ``device_put`` of its own into a zero-filled buffer (~1 ms
-    per array: a warm 32 MiB restore of 51 arrays took 155 ms that way, 82 ms placed
-    after). A cold 128 MiB restore of 2.7 MiB arrays, checked, went from 1.12-1.17x raw
-    Orbax's time (placed by Orbax, checked after) to 0.96-1.09x. Larger arrays go through
-    Orbax, which overlaps their placement with the reads (48 arrays of 11 MiB, placed
-    after all reads: 1.33x instead of 1.09x); so do arrays sharded across processes,
-    each process reading its shards. ``check.tree`` then checks those where they are.
+    Arrays of up to a few MiB that this process holds whole are read by jaxckpt
+    (:class:`_Placer`) straight into host buffers that their devices can take as they
+    are, each checked against its fingerprint (``check``) and placed as soon as it is
+    read, while the other reads go on. Orbax instead reads each array into a fresh numpy
+    array, then copies it into a device buffer: on CPU that copy and the page faults of
+    its new memory were a third of a cold 128 MiB restore's CPU time. Larger arrays go
+    through Orbax, which overlaps their placement with the reads; so do arrays sharded
+    across processes, each process reading its shards. ``check.tree`` then checks those
+    where they are.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = [x for _, x in flat]
@@ -231,27 +230,111 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     window = _read_window(item_dir, [x for x, s in zip(leaves, placements) if s is None])
     if not subtree and jax.process_count() == 1:
         _read_ahead(item_dir)
-    restored = _settled_read(ocp.Checkpointer(_read_handler(window)).restore, item_dir,
-                             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                         partial_restore=bool(subtree)))
+    prefix = tuple(jax.tree_util.DictKey(k) for k in subtree)
+    placer = _Placer({prefix + path: (target_lib.path_str(path), s)
+                      for (path, _), s in zip(flat, placements) if s is not None}, check)
+    token = _PLACER.set(placer)
+    try:
+        restored = _settled_read(
+            ocp.Checkpointer(_read_handler(window)).restore, item_dir,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                        partial_restore=bool(subtree)))
+    finally:
+        _PLACER.reset(token)
     for key in subtree:
         restored = restored[key]
     read = treedef.flatten_up_to(restored)
-    moved = [i for i, s in enumerate(placements) if s is not None]
-
-    def place(batch: list[int]) -> list[Any]:
-        if check is not None:
-            for i in batch:
-                check.host(target_lib.path_str(flat[i][0]), read[i])
-        return jax.device_put([read[i] for i in batch], [placements[i] for i in batch])
-
-    batches = _batches(moved, [read[i].nbytes for i in moved], _PLACE_BATCH_BYTES)
-    # The hash (it releases the GIL) and the copy run on several cores at once.
-    placed = fingerprint.map_on_cores(place, batches)
-    for batch, arrays in zip(batches, placed):
-        for i, array in zip(batch, arrays):
-            read[i] = array
+    # What the placer did not meet (read by another handler, or under another key path
+    # than Orbax's) is still numpy: checked and copied into place now.
+    left = [i for i, s in enumerate(placements) if s is not None and isinstance(read[i], np.ndarray)]
+    placed = fingerprint.map_on_cores(lambda i: placer.place(prefix + flat[i][0], read[i]), left)
+    for i, array in zip(left, placed):
+        read[i] = array
     return treedef.unflatten(read)
+
+
+class _Placer:
+    """Reads leaves into host buffers their devices can take without a copy, checks
+    each, and places it as soon as it is read.
+
+    ``leaves`` maps each leaf's key path, as Orbax names it (``ParamInfo.keypath``), to
+    its path in the manifest and its sharding. :class:`_SettledHandler` hands this
+    placer the leaves Orbax's numpy handler would read; the read is Orbax's (its
+    TensorStore spec, the same write of the stored array into a numpy array that Orbax's
+    array handler does), into a 64-byte aligned buffer: on CPU ``jax.device_put`` then
+    makes the buffer the device array's own instead of copying it.
+    """
+
+    def __init__(self, leaves: dict[tuple, tuple[str, jax.sharding.Sharding]],
+                 check: fingerprint.Check | None):
+        self.leaves = leaves
+        self.check = check
+
+    def place(self, key: tuple, array: np.ndarray) -> jax.Array:
+        """Check ``array`` (read for ``key``), then put it on its devices."""
+        path, sharding = self.leaves[key]
+        if self.check is not None:
+            self.check.host(path, array)
+        return jax.device_put(array, sharding, may_alias=True)
+
+    async def deserialize(self, inner: ocp.type_handlers.TypeHandler, infos, args) -> list:
+        """``inner.deserialize(infos, args)``; the leaves this placer holds read and
+        placed here, each as soon as it is read."""
+        keys = [_keypath(info) for info in infos]
+        ours = [j for j, key in enumerate(keys) if key in self.leaves]
+        if not ours or type(inner) is not ocp.type_handlers.NumpyHandler:
+            return await inner.deserialize(infos, args)
+        args = list(args) if args else [ocp.type_handlers.RestoreArgs()] * len(infos)
+
+        async def read_and_place(j: int) -> jax.Array:
+            return self.place(keys[j], await _read_aligned(infos[j], args[j]))
+
+        rest = sorted(set(range(len(infos))) - set(ours))
+
+        async def read_rest() -> list:
+            if not rest:
+                return []
+            return list(await inner.deserialize([infos[j] for j in rest],
+                                                [args[j] for j in rest]))
+
+        *placed, others = await asyncio.gather(*map(read_and_place, ours), read_rest())
+        out: list[Any] = [None] * len(infos)
+        for j, value in zip(ours + rest, placed + others):
+            out[j] = value
+        return out
+
+
+async def _read_aligned(info: ocp.type_handlers.ParamInfo,
+                        arg: ocp.type_handlers.RestoreArgs) -> np.ndarray:
+    """One stored array, read as Orbax's numpy handler reads it, into a new buffer
+    aligned for a device array (XLA's CPU client aliases a host buffer only when it is
+    64-byte aligned; numpy's and TensorStore's are 16)."""
+    tspec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
+    tspec = ocp.type_handlers.get_cast_tspec_deserialize(tspec, arg)
+    store = await ts.open(ts.Spec(tspec), open=True, context=info.ts_context)
+    out = _aligned_empty(tuple(store.shape), store.dtype.numpy_dtype)
+    await ts.array(out).write(store)
+    return out
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+_ALIGN = 64
+
+
+def _keypath(info: Any) -> tuple | None:
+    keypath = getattr(info, "keypath", None)
+    return tuple(keypath) if keypath is not None else None
+
+
+_PLACER: contextvars.ContextVar[_Placer | None] = contextvars.ContextVar(
+    "jaxckpt_placer", default=None)
+"""The :class:`_Placer` of the restore in progress on this thread."""
 
 
 def _read_handler(window: int | None = None) -> ocp.PyTreeCheckpointHandler:
@@ -368,7 +451,10 @@ class _SettledHandler(ocp.type_handlers.TypeHandler):
         return await _settle(lambda: self._inner.metadata(infos), len(infos))
 
     async def deserialize(self, infos, args=None):
-        return await _settle(lambda: self._inner.deserialize(infos, args), len(infos))
+        placer = _PLACER.get()
+        if placer is None:
+            return await _settle(lambda: self._inner.deserialize(infos, args), len(infos))
+        return await _settle(lambda: placer.deserialize(self._inner, infos, args), len(infos))
 
     async def serialize(self, values, infos, args=None):
         return await self._inner.serialize(values, infos, args)
@@ -395,6 +481,10 @@ async def _settle(start: Callable[[], Any], count: int) -> Any:
         return [None] * count
     finally:
         _READ_TASKS.reset(token)
+        # Each task's context holds this set: a cycle (set, task, context) that kept
+        # every task's result, the arrays just read, alive until the garbage collector
+        # ran, and the next restore faulted in fresh memory instead of reusing theirs.
+        tasks.clear()
 
 
 def _track_tasks(loop: asyncio.AbstractEventLoop) -> None:
@@ -441,23 +531,7 @@ _SETTLED_REGISTRY = _SettledRegistry()
 
 
 _PLACED_AFTER_MAX_BYTES = 4 << 20
-"""The largest array read as numpy and placed after the read (see ``restore_item``)."""
-
-_PLACE_BATCH_BYTES = 4 << 20
-"""Bytes checked, then copied into place, at a time: well within a server CPU's cache."""
-
-
-def _batches(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
-    """``items`` in order, cut into runs of at most ``limit`` bytes (one item at least)."""
-    out: list[list[int]] = []
-    total = 0
-    for item, size in zip(items, sizes):
-        if not out or total + size > limit:
-            out.append([])
-            total = 0
-        out[-1].append(item)
-        total += size
-    return out
+"""The largest array jaxckpt reads and places itself (see ``restore_item``)."""
 
 
 def _placed_after(leaf: Any) -> jax.sharding.Sharding | None:
