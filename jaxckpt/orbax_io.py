@@ -231,8 +231,8 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     if not subtree and jax.process_count() == 1:
         _read_ahead(item_dir)
     prefix = tuple(jax.tree_util.DictKey(k) for k in subtree)
-    placer = _Placer({prefix + path: (target_lib.path_str(path), s)
-                      for (path, _), s in zip(flat, placements) if s is not None}, check)
+    placer = _Placer({prefix + path: (target_lib.path_str(path), s, x.size * x.dtype.itemsize)
+                      for (path, x), s in zip(flat, placements) if s is not None}, check)
     token = _PLACER.set(placer)
     try:
         restored = _settled_read(
@@ -247,49 +247,53 @@ def restore_item(item_dir: epath.Path, abstract: Any, subtree: tuple[str, ...] =
     # What the placer did not meet (read by another handler, or under another key path
     # than Orbax's) is still numpy: checked and copied into place now.
     left = [i for i, s in enumerate(placements) if s is not None and isinstance(read[i], np.ndarray)]
-    placed = fingerprint.map_on_cores(lambda i: placer.place(prefix + flat[i][0], read[i]), left)
-    for i, array in zip(left, placed):
-        read[i] = array
+    if left:
+        placed = placer.place([prefix + flat[i][0] for i in left], [read[i] for i in left])
+        for i, array in zip(left, placed):
+            read[i] = array
     return treedef.unflatten(read)
 
 
 class _Placer:
     """Reads leaves into host buffers their devices can take without a copy, checks
-    each, and places it as soon as it is read.
+    them, and places each batch as soon as it is read.
 
     ``leaves`` maps each leaf's key path, as Orbax names it (``ParamInfo.keypath``), to
-    its path in the manifest and its sharding. :class:`_SettledHandler` hands this
-    placer the leaves Orbax's numpy handler would read; the read is Orbax's (its
+    its path in the manifest, its sharding and its bytes. :class:`_SettledHandler` hands
+    this placer the leaves Orbax's numpy handler would read; the read is Orbax's (its
     TensorStore spec, the same write of the stored array into a numpy array that Orbax's
     array handler does), into a 64-byte aligned buffer: on CPU ``jax.device_put`` then
-    makes the buffer the device array's own instead of copying it.
+    makes the buffer the device array's own instead of copying it. Leaves go in batches
+    of up to ``_PLACE_BATCH_BYTES``, one ``device_put`` each: placed one by one, a
+    restore of 1,000 small arrays took 0.89 s instead of 0.70.
     """
 
-    def __init__(self, leaves: dict[tuple, tuple[str, jax.sharding.Sharding]],
+    def __init__(self, leaves: dict[tuple, tuple[str, jax.sharding.Sharding, int]],
                  check: fingerprint.Check | None):
         self.leaves = leaves
         self.check = check
 
-    def place(self, key: tuple, array: np.ndarray) -> jax.Array:
-        """Check ``array`` (read for ``key``), then put it on its devices."""
-        path, sharding = self.leaves[key]
+    def place(self, keys: list[tuple], arrays: list[np.ndarray]) -> list[jax.Array]:
+        """Check ``arrays`` (read for ``keys``), then put them on their devices."""
         if self.check is not None:
-            self.check.host(path, array)
-        return jax.device_put(array, sharding, may_alias=True)
+            for key, array in zip(keys, arrays):
+                self.check.host(self.leaves[key][0], array)
+        return jax.device_put(arrays, [self.leaves[key][1] for key in keys], may_alias=True)
 
     async def deserialize(self, inner: ocp.type_handlers.TypeHandler, infos, args) -> list:
         """``inner.deserialize(infos, args)``; the leaves this placer holds read and
-        placed here, each as soon as it is read."""
+        placed here, a batch as soon as it is read."""
         keys = [_keypath(info) for info in infos]
         ours = [j for j, key in enumerate(keys) if key in self.leaves]
         if not ours or type(inner) is not ocp.type_handlers.NumpyHandler:
             return await inner.deserialize(infos, args)
         args = list(args) if args else [ocp.type_handlers.RestoreArgs()] * len(infos)
-
-        async def read_and_place(j: int) -> jax.Array:
-            return self.place(keys[j], await _read_aligned(infos[j], args[j]))
-
+        batches = _batches(ours, [self.leaves[keys[j]][2] for j in ours], _PLACE_BATCH_BYTES)
         rest = sorted(set(range(len(infos))) - set(ours))
+
+        async def read_and_place(batch: list[int]) -> list[jax.Array]:
+            arrays = await asyncio.gather(*(_read_aligned(infos[j], args[j]) for j in batch))
+            return self.place([keys[j] for j in batch], arrays)
 
         async def read_rest() -> list:
             if not rest:
@@ -297,9 +301,9 @@ class _Placer:
             return list(await inner.deserialize([infos[j] for j in rest],
                                                 [args[j] for j in rest]))
 
-        *placed, others = await asyncio.gather(*map(read_and_place, ours), read_rest())
+        *placed, others = await asyncio.gather(*map(read_and_place, batches), read_rest())
         out: list[Any] = [None] * len(infos)
-        for j, value in zip(ours + rest, placed + others):
+        for j, value in zip(itertools.chain(*batches, rest), itertools.chain(*placed, others)):
             out[j] = value
         return out
 
@@ -309,7 +313,9 @@ async def _read_aligned(info: ocp.type_handlers.ParamInfo,
     """One stored array, read as Orbax's numpy handler reads it, into a new buffer
     aligned for a device array (XLA's CPU client aliases a host buffer only when it is
     64-byte aligned; numpy's and TensorStore's are 16)."""
-    tspec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
+    tspec = ocp.type_handlers.get_json_tspec_read(
+        info, use_ocdbt=info.is_ocdbt_checkpoint,
+        raise_array_data_missing_error=info.raise_array_data_missing_error)
     tspec = ocp.type_handlers.get_cast_tspec_deserialize(tspec, arg)
     store = await ts.open(ts.Spec(tspec), open=True, context=info.ts_context)
     out = _aligned_empty(tuple(store.shape), store.dtype.numpy_dtype)
@@ -532,6 +538,22 @@ _SETTLED_REGISTRY = _SettledRegistry()
 
 _PLACED_AFTER_MAX_BYTES = 4 << 20
 """The largest array jaxckpt reads and places itself (see ``restore_item``)."""
+
+_PLACE_BATCH_BYTES = 4 << 20
+"""Bytes of arrays checked, then placed, at a time: within a server CPU's cache."""
+
+
+def _batches(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """``items`` in order, cut into runs of at most ``limit`` bytes (one item at least)."""
+    out: list[list[int]] = []
+    total = 0
+    for item, size in zip(items, sizes):
+        if not out or total + size > limit:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += size
+    return out
 
 
 def _placed_after(leaf: Any) -> jax.sharding.Sharding | None:
