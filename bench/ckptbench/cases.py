@@ -26,6 +26,13 @@ page and disk noise (7 until 2026-12-03: a 512 MiB median of 7 idle saves moved 
 kind goes first in half of the rounds."""
 
 
+def idle_rounds(period_rounds: int) -> int:
+    """Rounds of idle writes and cold reads: as many as of periods, at least
+    ``IDLE_ROUNDS``, and even."""
+    n = max(period_rounds, IDLE_ROUNDS)
+    return n + n % 2
+
+
 def _base(cfg: dict, name: str) -> tuple[str, bool]:
     local = not measure.is_url(cfg["dir"])
     base = cfg["dir"].rstrip("/") + "/" + name
@@ -70,7 +77,7 @@ def run_size(cfg: dict) -> dict:
         sync = sides["jaxckpt"].call("sync_saves", directory=f"{base}/sync")
         emit("device-to-host")
         d2h = sides["none"].call("device_to_host")
-        writes = rounds.idle_writes(sides, base, max(cfg["rounds"], IDLE_ROUNDS))
+        writes = rounds.idle_writes(sides, base, idle_rounds(cfg["rounds"]))
         on_disk = sides["jaxckpt"].call("bytes_on_disk")
         reads = rounds.cold_reads(sides, writes.pop("files"), local)
     finally:

@@ -21,7 +21,7 @@ from ckptbench.cases import TUNING_VARIANTS, units
 # by more than its target's margin between runs on this shared 2-core machine. Nine (7
 # until 2026-12-03): a narrower median, and each of the three kinds of period in each
 # position of a round equally often.
-QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=9, blocking_reps=12,
+QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=15, blocking_reps=12,
              auto_size=32.0, tuning_size=64.0, leaves=1000)
 FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=6.0, rounds=3, blocking_reps=4,
             auto_size=128.0, tuning_size=256.0, leaves=4000)
