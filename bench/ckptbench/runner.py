@@ -17,10 +17,11 @@ from pathlib import Path
 from ckptbench import measure, progress, report, savers
 from ckptbench.cases import TUNING_VARIANTS, units
 
-# --quick takes 9 rounds and 12 extra blocking pairs: with 3 and 5, a figure's median moved
-# by more than its target's margin between runs on this shared 2-core machine. Nine (7
-# until 2026-12-03): a narrower median, and each of the three kinds of period in each
-# position of a round equally often.
+# --quick takes 15 rounds and 12 extra blocking pairs: with 3 and 5, a figure's median moved
+# by more than its target's margin between runs on this shared 2-core machine. Fifteen (7,
+# then 9, until session 20, when one run's per-round throughput quotients spread over
+# 0.88-1.27): a narrower median, and each of the three kinds of period in each position of
+# a round equally often.
 QUICK = dict(sizes=[32.0, 128.0, 512.0], interval=4.0, rounds=15, blocking_reps=12,
              auto_size=32.0, tuning_size=64.0, leaves=1000)
 FULL = dict(sizes=[128.0, 512.0, 2048.0], interval=6.0, rounds=3, blocking_reps=4,
