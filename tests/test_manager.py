@@ -722,7 +722,8 @@ def test_small_arrays_are_read_into_the_buffers_the_restored_arrays_own(tmp_path
     assert sorted(name for name, _ in read) == ["b", "h", "w"]  # "big" went through Orbax
     for name, host in read:
         assert host.ctypes.data % 64 == 0
-        assert out[name].unsafe_buffer_pointer() == host.ctypes.data, name
+        if out[name].sharding.device_set.pop().platform == "cpu":  # elsewhere: a transfer
+            assert out[name].unsafe_buffer_pointer() == host.ctypes.data, name
     step = jax.jit(lambda s: jax.tree.map(lambda x: x * 2, s), donate_argnums=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
