@@ -11,8 +11,13 @@ instead of 276 (355 ms with this module; bench/README.md).
 
 :func:`keep_freed_pages` raises the two thresholds (glibc only, once per size) so that
 blocks up to 32 MiB come from the heap and up to twice the state of free memory stays in
-it: the process keeps the peak a save needs anyway, instead of giving it back and
-faulting it in at the next save. It is process-wide, as malloc is; it is skipped where
+it, and sets malloc's top pad to the same: XLA's CPU threads allocate from arenas of
+their own, made of 64 MiB heaps that glibc unmaps as soon as one is entirely free,
+whatever the trim threshold, unless the arena's free space at its top stays under the
+pad (a 512 MiB state faulted its buffers in again after about every third save; with the
+pad, once the heaps have grown). The process keeps the peak a save needs anyway, instead
+of giving it back and faulting it in at the next save. It is process-wide, as malloc is;
+it is skipped where
 the user set malloc's thresholds (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) and when
 ``JAXCKPT_KEEP_HOST_PAGES=0``.
 """
@@ -30,6 +35,7 @@ ENV = "JAXCKPT_KEEP_HOST_PAGES"
 """Set to ``0`` to leave malloc's thresholds as they are."""
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, glibc's malloc.h
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 """glibc's largest allowed mmap threshold on 64-bit hosts (HEAP_MAX_SIZE / 2)."""
@@ -77,8 +83,10 @@ def keep_freed_pages(nbytes: int) -> bool:
         if not _kept and not _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
             _mallopt = False
             return False
-        if _mallopt(_M_TRIM_THRESHOLD, max(want, MMAP_THRESHOLD)):
-            _kept = max(want, MMAP_THRESHOLD)
+        keep = max(want, MMAP_THRESHOLD)
+        # The pad first: a threshold without it would keep the main heap's pages only.
+        if _mallopt(_M_TOP_PAD, keep) and _mallopt(_M_TRIM_THRESHOLD, keep):
+            _kept = keep
         return bool(_kept)
 
 
