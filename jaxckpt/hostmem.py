@@ -17,9 +17,8 @@ whatever the trim threshold, unless the arena's free space at its top stays unde
 pad (a 512 MiB state faulted its buffers in again after about every third save; with the
 pad, once the heaps have grown). The process keeps the peak a save needs anyway, instead
 of giving it back and faulting it in at the next save. It is process-wide, as malloc is;
-it is skipped where
-the user set malloc's thresholds (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) and when
-``JAXCKPT_KEEP_HOST_PAGES=0``.
+it is skipped where the user set malloc's thresholds (``MALLOC_*_`` variables,
+``GLIBC_TUNABLES``) and when ``JAXCKPT_KEEP_HOST_PAGES=0``.
 """
 
 from __future__ import annotations

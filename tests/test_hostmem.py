@@ -80,8 +80,8 @@ THREAD_PAGES = 24 * (10 << 20) // 4096
 
 
 def test_a_thread_arena_faults_every_round_in_again_by_default():
-    """The probe's own check (it can fail). With the trim threshold raised but no top pad,
-    rounds after the first faulted in 180 of their 240 MiB again: three heaps unmapped."""
+    """The probe's own check (it can fail). Measured with the trim threshold raised but no
+    top pad as well: every round after the first faulted 180 of its 240 MiB in again."""
     got = _probe("out = None", in_thread=True, sizes=THREAD_BLOCKS)
     assert all(f > THREAD_PAGES // 2 for f in got["faults"]), got
 
