@@ -76,7 +76,7 @@ def test_keep_freed_pages_reuses_the_freed_memory():
 # (64 MiB each), and glibc unmaps a thread heap as soon as it is entirely free, whatever
 # the trim threshold. XLA's CPU threads allocate a state's buffers so.
 THREAD_BLOCKS = {"n": 24, "size": 10 << 20}
-THREAD_PAGES = 24 * (10 << 20) // 4096
+THREAD_PAGES = THREAD_BLOCKS["n"] * THREAD_BLOCKS["size"] // 4096
 
 
 def test_a_thread_arena_faults_every_round_in_again_by_default():
