@@ -276,6 +276,10 @@ class Catalog:
     def steps(self) -> list[int]:
         return sorted(self.records)
 
+    def all_steps(self) -> list[int]:
+        """Every checkpoint, those found corrupt included."""
+        return sorted(set(self.records) | set(self.corrupt))
+
     def latest(self) -> int | None:
         return max(self.records) if self.records else None
 

@@ -62,9 +62,10 @@ def _check_checkpoint_dir(directory: str):
     if not path.is_dir():
         raise CliError(f"{directory} is a file, not a checkpoint directory.")
     entries = list(path.iterdir())  # one listing for every question below
-    # Empty, or only a lock: a manager opened it and nothing was committed yet (a run
-    # killed before its first save, or one that saved nothing): no checkpoints, no error.
-    if not entries or [p.name for p in entries] == [LOCK_FILE] or \
+    # Empty, or holding jaxckpt's lock: a manager opened it and maybe nothing was committed
+    # yet (a run killed before or during its first save leaves the lock and Orbax's
+    # temporary directory): no checkpoints, no error.
+    if not entries or any(p.name == LOCK_FILE for p in entries) or \
             (path / HISTORY_FILE).exists() or any(_is_step_dir(p) for p in entries):
         return path
     from jaxckpt.catalog import other_naming, other_naming_message
@@ -191,6 +192,19 @@ def _row(mngr, step, entry, verdict, reasons, kept, best, latest, checksums) -> 
         "integrity": status,
         "problems": list(verdict.problems) if status == "corrupt" else [],
     }
+
+
+def _sizes(directory, steps: list[int]) -> dict[int, int]:
+    """``{step: bytes}``, leaving out a step deleted meanwhile (a dry run beside the run
+    writing there, whose policy deletes what it replaced)."""
+    out = {}
+    for step in steps:
+        try:
+            out[step] = step_bytes(directory / str(step))
+        except FileNotFoundError:
+            if (directory / str(step)).exists():
+                raise
+    return out
 
 
 def _foreign(verdict: Any) -> list[str]:
@@ -564,12 +578,13 @@ def cmd_prune(args) -> int:
             policy = dataclasses.replace(stored, keep_best=keep_best, keep_latest=keep_latest)
         except ValueError as e:
             raise CliError(f"{e} (--keep-best {keep_best} --keep-latest {keep_latest})") from e
-        steps = mngr.steps()  # intact checkpoints only: corrupt ones are set aside
+        # intact checkpoints only: corrupt ones are set aside
+        sizes = _sizes(mngr.directory, mngr.steps())
+        steps = sorted(sizes)
         if not steps:
             print(f"{mngr.directory}: no intact checkpoints, nothing to prune.")
             return EXIT_OK
-        records = mngr.records(policy)
-        sizes = {s: step_bytes(mngr.directory / str(s)) for s in steps}
+        records = [r for r in mngr.records(policy) if r.step in sizes]
         plan = plan_prune(records, sizes, policy, args.max_bytes)
         doomed = [d["step"] for d in plan if not d["keep"]]
         if len(doomed) == len(plan):

@@ -385,13 +385,15 @@ class CheckpointManager:
         """
         self._check_open()
         self._finish_pending()
-        everything = sorted(set(self._catalog.records) | set(self._catalog.corrupt))
-        steps = everything if step is None else [fmt.as_int("step", step)]
-        if step is not None and steps[0] not in everything:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {steps[0]} in {self._dir}; available steps: "
-                f"{everything or 'none'}.")
-        return reader.verify(self._catalog, steps, checksums=checksums, strict=strict)
+        everything = self._catalog.all_steps()
+        if step is not None:
+            step = fmt.as_int("step", step)
+            if step not in everything:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint for step {step} in {self._dir}; available steps: "
+                    f"{everything or 'none'}.")
+            return reader.verify(self._catalog, [step], checksums=checksums, strict=strict)
+        return reader.verify_all(self._catalog, checksums=checksums, strict=strict)
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` now (for ``jaxckpt prune``); its metrics stay in

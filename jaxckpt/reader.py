@@ -18,7 +18,11 @@ from jaxckpt import integrity, orbax_io, storage
 from jaxckpt.catalog import Catalog, Which
 from jaxckpt.errors import CheckpointCorruptError, CheckpointNotFoundError
 
-__all__ = ["Checkpoint", "read", "verify"]
+__all__ = ["Checkpoint", "read", "verify", "verify_all"]
+
+RELISTS = 5
+"""How many times :func:`verify_all` lists the directory again after a live writer deleted
+a step it was about to check."""
 
 
 class Checkpoint(NamedTuple):
@@ -84,6 +88,25 @@ def verify(catalog: Catalog, steps: list[int], *, checksums: bool,
     if unverified and not strict:
         warnings.warn(catalog.unverified_message(unverified), stacklevel=3)
     return out
+
+
+def verify_all(catalog: Catalog, *, checksums: bool, strict: bool) -> dict[int, list[str]]:
+    """``{step: problems}`` for every checkpoint in the directory, oldest first.
+
+    Beside a live writer the catalog is a snapshot: a writer keeping the latest N deletes
+    the steps it listed while they are checked. Each time one vanished, the directory is
+    listed again and what the writer committed meanwhile is checked too, so that a
+    directory that always holds a checkpoint is never reported empty."""
+    out: dict[int, list[str]] = {}
+    for attempt in range(RELISTS + 1):
+        todo = [s for s in catalog.all_steps() if s not in out]
+        got = verify(catalog, todo, checksums=checksums, strict=strict)
+        out.update(got)
+        if len(got) == len(todo) or attempt == RELISTS:
+            break
+        catalog.scan()
+    present = set(catalog.all_steps())
+    return {s: out[s] for s in sorted(out) if s in present}
 
 
 def _verify_arrays(catalog: Catalog, verdict: integrity.Verdict) -> integrity.Verdict | None:

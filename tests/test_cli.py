@@ -415,15 +415,29 @@ def test_bad_directory_is_one_line_error(tmp_path, capsys, command, make, messag
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("left", [[], ["jaxckpt.lock"]])
+@pytest.mark.parametrize("left", [[], ["jaxckpt.lock"],
+                                  ["1.orbax-checkpoint-tmp/", "jaxckpt.lock"]])
 def test_a_directory_a_manager_opened_and_committed_nothing_to_lists_no_checkpoints(
         tmp_path, capsys, left):
-    # A run killed before its first save leaves its lock; one that saved nothing, nothing.
+    # A run killed before its first save leaves its lock; one killed during it, the lock
+    # and Orbax's temporary directory (which made ls say "not a jaxckpt checkpoint
+    # directory ... pass the directory given to CheckpointManager"); one that saved
+    # nothing, nothing.
     for name in left:
-        (tmp_path / name).write_text("{}")
+        if name.endswith("/"):
+            (tmp_path / name / "state").mkdir(parents=True)
+        else:
+            (tmp_path / name).write_text("{}")
     assert main(["ls", str(tmp_path)]) == 0
     assert "0 checkpoints" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    assert sorted(p.name + "/" * p.is_dir() for p in tmp_path.iterdir()) == left
+
+
+def test_prune_dry_run_leaves_out_a_step_deleted_while_it_is_measured(tmp_path):
+    """Beside a live writer a listed step can be gone by the time its size is read."""
+    (tmp_path / "2" / "state").mkdir(parents=True)
+    (tmp_path / "2" / "state" / "a").write_bytes(b"x" * 10)
+    assert cli._sizes(tmp_path, [1, 2]) == {2: 10}
 
 
 def test_not_a_checkpoint_dir_suggests_the_nested_one(tutorial, tmp_path, capsys):

@@ -593,6 +593,23 @@ def test_verify_skips_a_step_the_writer_deletes_while_its_arrays_are_read(ckpt, 
         assert m.steps() == [2, 4]
 
 
+def test_verify_beside_a_writer_checks_what_it_committed_after_the_listing(tmp_path):
+    """A reader lists [1]; the writer (latest 1) commits 2 and deletes 1 before the check.
+    verify() used to return {} -- the CLI then said "no checkpoints" of a directory that
+    always held one -- and now lists again and checks 2."""
+    d = tmp_path / "c"
+    with CheckpointManager(d, CheckpointPolicy(keep_latest=1)) as writer:
+        writer.save(1, {"x": value(1)})
+        writer.wait()
+        with CheckpointManager(d, read_only=True) as reader:
+            assert reader.steps() == [1]
+            writer.save(2, {"x": value(2)})
+            writer.wait()
+            assert not (d / "1").exists()
+            assert reader.verify() == {2: []}
+            assert reader.steps() == [2]
+
+
 def test_a_read_that_fails_midway_prints_no_asyncio_tracebacks(tmp_path, capfd, caplog):
     """One array that fails while another is still being read (a step the writer deletes
     meanwhile): Orbax closed its event loop at the first error, and the read still in
