@@ -176,15 +176,7 @@ def _cached_path_str(path: tuple[Any, ...]) -> str:
 
 
 def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return "/".join(_key_parts(path))
 
 
 def per_sharding(fn: Callable[[jax.sharding.Sharding], bool]
@@ -265,6 +257,32 @@ def check_saveable(tree: Any) -> None:
     if problems:
         raise TypeError("the state cannot be saved; these leaves cannot be stored:\n"
                         + "\n".join(problems))
+    _check_distinct_names([p for p, _ in flat])
+
+
+def _check_distinct_names(paths: list[Sequence[Any]]) -> None:
+    """Refuse two leaves whose paths read as the same name: jaxckpt records leaves as
+    ``a/b`` and Orbax stores them as ``a.b``, so ``{"a/b": x, "a": {"b": y}}`` (or
+    ``{"a.b": x, "a": {"b": y}}``, which Orbax silently overwrites) saves a checkpoint
+    that cannot be restored as it was."""
+    names = [path_str(p) for p in paths]
+    if len(set(names)) == len(names) and not any("." in n for n in names):
+        return  # the common case: no key holds a separator
+    for sep, who in (("/", "jaxckpt's manifest"), (".", "Orbax's files")):
+        seen: dict[str, str] = {}
+        for p in paths:
+            joined, name = sep.join(_key_parts(p)), jax.tree_util.keystr(tuple(p))
+            if joined in seen:
+                raise ValueError(
+                    f"the state cannot be saved: leaves {seen[joined]} and {name} "
+                    f"would both be stored as {joined!r} in {who}. Rename the keys so that "
+                    "none holds '/' or '.' (e.g. 'a_b').")
+            seen[joined] = name
+
+
+def _key_parts(path: Sequence[Any]) -> list[str]:
+    return [next((str(getattr(k, a)) for a in ("key", "name", "idx") if hasattr(k, a)),
+                 str(k)) for k in path]
 
 
 def to_saveable(tree: Any, *, snapshot: bool = False) -> Any:

@@ -467,6 +467,22 @@ def test_unsaveable_leaf_is_a_type_error_naming_its_path(tmp_path, leaf, words):
         assert m.all_steps() == []
 
 
+@pytest.mark.parametrize("key,where", [("a/b", "jaxckpt's manifest"),
+                                       ("a.b", "Orbax's files")])
+def test_leaves_whose_paths_read_alike_are_refused_before_anything_is_written(
+        tmp_path, key, where):
+    """{"a/b": x, "a": {"b": y}} was saved, then never verified nor restored (its two
+    fingerprints shared one manifest entry); with "a.b" Orbax silently kept one array."""
+    state = {key: jnp.ones(2), "a": {"b": jnp.zeros(2)}}
+    with CheckpointManager(tmp_path) as m:
+        with pytest.raises(ValueError, match=rf"(?s)\['a'\]\['b'\].*{where}.*Rename"):
+            m.save(1, state)
+        assert m.all_steps() == []
+        m.save(2, {key: jnp.ones(2), "c": jnp.zeros(2)})  # a separator alone is fine
+        m.wait()
+        assert np.array_equal(m.restore(2)[key], np.ones(2))
+
+
 def test_to_saveable_keeps_python_scalars_and_unwraps_typed_keys():
     out = to_saveable({"step": 0, "lr": 0.1, "on": True, "key": jax.random.key(3)})
     assert out["step"] == 0 and type(out["step"]) is int
