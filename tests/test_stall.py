@@ -206,6 +206,18 @@ class Writer:
         assert answer["error"] is None, answer
         return answer["result"]
 
+    def ok_unstalled(self, command: str, timeout: float = HANG_BOUND_S):
+        """``ok`` for a call that may be repeated (``wait``, ``steps``, a restore), made
+        while the store answers: on a loaded 2-core host a request the emulator answers
+        late can pass the test's 2 s deadline (seen: the deletion of checkpoint 1 in the
+        set-up). Such a call is asked again, up to 5 times; any other error fails."""
+        for _ in range(5):
+            answer = self.call(command, timeout)
+            if answer["error"] is None or "did not finish" not in answer["error"]:
+                break
+        assert answer["error"] is None, answer
+        return answer["result"]
+
     def exit(self) -> int:
         self.proc.stdin.close()
         try:
@@ -257,8 +269,8 @@ def test_a_store_stalling_mid_run_raises_past_the_deadline_and_loses_nothing(gcs
     try:
         for step in (1, 2):
             writer.ok(f"save {step}", timeout=120)  # the first call waits for the start-up
-            writer.ok("wait")
-        assert writer.ok("steps") == [2]
+            writer.ok_unstalled("wait")
+        assert writer.ok_unstalled("steps") == [2]
 
         # 1. Orbax's write of checkpoint 3 meets a store that stopped answering.
         proxy.arm_on(objects_of(prefix, [3]))
@@ -277,7 +289,7 @@ def test_a_store_stalling_mid_run_raises_past_the_deadline_and_loses_nothing(gcs
                 break
             answer = writer.call("wait")
         assert answer["error"] is None or "failed" in answer["error"], answer
-        kept = writer.ok("steps")
+        kept = writer.ok_unstalled("steps")
         assert kept in ([3], [2], [2, 3]) and (answer["error"] or kept == [3]), (answer, kept)
 
         # 2. The background deletion of what 5 replaces, once 5 is committed, meets the
@@ -331,13 +343,13 @@ def test_a_reader_of_a_stalled_store_raises_past_the_deadline(gcs):
                                 "STORAGE_EMULATOR_HOST": proxy.url,
                                 "TENSORSTORE_GCS_HTTP_URL": proxy.url}, script=READER)
     try:
-        assert reader.ok("steps", timeout=120) == [1, 2]
+        assert reader.ok_unstalled("steps", timeout=120) == [1, 2]
         proxy.arm_on(re.compile(rb"(GET|HEAD) "))  # every read from now on
         for command in ("restore 2", "verify", "reload"):
             error = stalled(reader.call(command), directory)
             assert error.startswith("StorageTimeoutError"), error
         proxy.resume()
-        assert reader.ok("restore 2") == ["b", "w"]
+        assert reader.ok_unstalled("restore 2") == ["b", "w"]
         assert reader.exit() == 0, _stop(reader.proc)[-3000:]
     finally:
         proxy.close()
