@@ -70,6 +70,7 @@ class Writer:
         self.ledger, self.auto, self.async_save = ledger, auto, async_save
         self.primary, self.timeout, self.warn_corrupt = primary, timeout, warn_corrupt
         self.last_save_time, self.start_time = last_save_time, start_time
+        self._checked: set[int] = set()  # steps whose small files' checksums were compared
         self._warned = False  # about saves without the monitored metric, once
         self._warned_metrics = False  # about metrics that differ between processes, once
         self._tried: int | None = None  # the last step handed to Orbax (on a store, a
@@ -215,6 +216,10 @@ class Writer:
         # unfinished write, which Orbax may overwrite.
         if not (remote and step == self._tried):
             self._check_step_free(step)
+        self._check_kept_before_deleting(Record(
+            step, value, time=now, has_metrics=metrics is not None,
+            improved=self.policy.improves(value, list(self.catalog.records.values()))
+            if self.policy.monitor else None))
         previous = self.catalog.latest()
         records = list(self.catalog.records.values())
         improved = self.policy.improves(value, records) if self.policy.monitor else None
@@ -240,6 +245,7 @@ class Writer:
         blocked = time.perf_counter() - start
         self.catalog.add(step, Record(step, value, time=now, has_metrics=metrics is not None,
                                        improved=improved))
+        self._checked.add(step)  # written by this manager: its checksums are fresh
         self.last_save_time = now
         kept = self.policy.kept(list(self.catalog.records.values()))
         stale = sorted(set(self.catalog.records) - set(kept))
@@ -253,6 +259,23 @@ class Writer:
         self.maybe_flush_ledger()
         if not self.async_save:
             self.finish_pending()
+
+    def _check_kept_before_deleting(self, new: Record) -> None:
+        """Compare the small files' checksums of the checkpoints kept beside ``new``
+        (once each per manager; opening checks sizes only) when saving ``new`` would
+        delete another: a kept checkpoint is the reason the other is deleted. A best
+        whose ``_METADATA`` was damaged otherwise stayed best, and the runner-up, what a
+        restore falls back to, was deleted in its favour. One found damaged is set aside
+        before the new checkpoint is ranked."""
+        while True:
+            records = list(self.catalog.records.values())
+            kept = self.policy.kept(records + [new])
+            unchecked = [s for s in kept if s != new.step and s not in self._checked]
+            if not unchecked or {r.step for r in records} <= set(kept):
+                return
+            for s in unchecked:
+                self._checked.add(s)
+                self.catalog.examine(s, checksums=True, warn=self.warn_corrupt)
 
     def _check_step_free(self, step: int) -> None:
         """Refuse a step whose name is taken by something that is not a checkpoint (an

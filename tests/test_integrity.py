@@ -375,6 +375,25 @@ def test_corrupt_best_is_never_best_and_never_deleted(ckpt):
         assert m.verify() == {3: [], 5: [], 7: []}
 
 
+def test_a_damaged_small_file_of_the_best_never_costs_the_runner_up(ckpt):
+    """A flipped byte in the best's state/_METADATA passes the open's size check. The
+    first save that deletes what it replaced compares the kept steps' checksums first:
+    before, step 2 stayed best #1 and step 3 (best #2, what restore('best') falls back to)
+    was deleted for a new step that ranked between them."""
+    d, _ = ckpt
+    flip(d / "2" / "state" / "_METADATA", offset=len((d / "2" / "state" / "_METADATA")
+                                                      .read_bytes()) // 2)
+    before = snapshot(d / "2")
+    with CheckpointManager(d, POLICY) as m:
+        assert m.best_step() == 2  # invisible to sizes
+        with pytest.warns(UserWarning, match=r"(?s)checkpoint 2 .*_METADATA"):
+            m.save(5, init_state(), metrics={"val_loss": 0.55})
+        m.wait()
+        assert (m.best_step(), m.steps()) == (5, [3, 5])
+    assert sorted(p.name for p in d.iterdir() if p.name.isdigit()) == ["2", "3", "5"]
+    assert snapshot(d / "2") == before  # set aside, not deleted (moved by the next save)
+
+
 def test_resumed_run_saves_over_the_steps_of_a_corrupt_checkpoint(ckpt):
     """Resume falls back from corrupt 4 to 3, redoes step 4 and saves it again."""
     d, states = ckpt
