@@ -185,6 +185,10 @@ def encode_data_state(data_state: Any) -> dict:
 
 def _python_numbers(x: Any) -> Any:
     if isinstance(x, dict):
+        bad = [k for k in x if not isinstance(k, str)]
+        if bad:  # JSON would turn 1 into "1": the state restored would differ
+            raise TypeError(f"data_state must be JSON-able with text keys; key {bad[0]!r} "
+                            f"is a {type(bad[0]).__name__}: use str keys.")
         return {k: _python_numbers(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_python_numbers(v) for v in x]
@@ -270,10 +274,21 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
         raise TypeError(f"metrics must be a mapping of name to scalar, got {type(metrics)}.")
     clean = {}
     for name, value in metrics.items():
+        if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_:
+            raise TypeError(f"metric {name!r} is a bool ({value!r}); metrics are numbers: "
+                            "pass float(...) if 1.0/0.0 is meant.")
         try:
             if np.ndim(value) != 0 or isinstance(value, (str, bytes)):
                 raise TypeError
             clean[str(name)] = float(np.asarray(value))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"metric {name!r} must be a scalar number, got {value!r}.") from e
+        except (TypeError, ValueError, OverflowError) as e:
+            raise TypeError(f"metric {name!r} must be a scalar number within float64, got "
+                            f"{value!r:.80}.") from e
     return clean
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool; a TypeError for anything else (``force="no"`` is truthy)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r:.80}.")

@@ -266,6 +266,7 @@ class CheckpointManager:
         """
         self._check_open(write=True)
         step, epoch = fmt.as_int("step", step), fmt.as_int("epoch", epoch, optional=True)
+        force = fmt.as_bool("force", force)
         clean = fmt.clean_metrics(metrics)
         value = self.policy.monitored_value(clean)
         encoded_data = fmt.encode_data_state(data_state) if data_state is not None else None

@@ -292,7 +292,8 @@ def check_directory(path: epath.Path, *, read_only: bool,
     except OSError as e:
         raise CheckpointDirectoryError(
             f"checkpoint directory {s} is not writable ({e.strerror or e}). Choose a "
-            "directory you can write to, or fix its permissions.") from e
+            "directory you can write to, or fix its permissions; to read its checkpoints "
+            "only, open it with CheckpointManager(..., read_only=True).") from e
 
 
 def check_writable(directory: epath.Path) -> None:

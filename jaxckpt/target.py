@@ -207,6 +207,9 @@ def _unsaveable(x: Any) -> str | None:
     if isinstance(x, jax.ShapeDtypeStruct):
         return ("is abstract (jax.ShapeDtypeStruct): save concrete arrays; abstract "
                 "leaves belong in a restore target")
+    if isinstance(x, jax.core.Tracer):
+        return ("is a traced value: save() was called inside jax.jit (or grad, vmap, "
+                "scan); call it outside the jitted step, on the state the step returned")
     if isinstance(x, jax.Array) and x.is_deleted():
         return ("was deleted: its buffer was donated to a jitted step (donate_argnums) or "
                 "freed with .delete(); save the state the step returned, not its input")

@@ -443,6 +443,11 @@ def test_a_directory_with_checkpoints_and_no_readable_policy_refuses_a_default(c
      r"empty.*empty array \(shape \(3, 0\)\).*leave it out"),
     ({"metrics": {"val_loss": "low"}}, TypeError, "metric 'val_loss'"),
     ({"data_state": object()}, TypeError, "data_state must be JSON-able"),
+    # restored as {"1": "x"}: not the state that was saved
+    ({"data_state": {"pos": {1: "x"}}}, TypeError, "key 1 is a int: use str keys"),
+    ({"metrics": {"val_loss": True}}, TypeError, "metric 'val_loss' is a bool"),
+    ({"metrics": {"val_loss": 0.1, "tokens": 10**400}}, TypeError, "metric 'tokens'"),
+    ({"force": "no"}, TypeError, "force must be True or False"),
 ])
 def test_bad_save_arguments_fail_here_and_write_nothing(ckpt, kwargs, error, match):
     args = {"step": 5, "state": {"x": value(5)}, "metrics": {"val_loss": 0.1}, **kwargs}

@@ -483,6 +483,18 @@ def test_leaves_whose_paths_read_alike_are_refused_before_anything_is_written(
         assert np.array_equal(m.restore(2)[key], np.ones(2))
 
 
+def test_save_inside_jit_names_the_fix(tmp_path):
+    with CheckpointManager(tmp_path) as m:
+        @jax.jit
+        def step(x):
+            m.save(1, {"a": x})
+            return x + 1
+
+        with pytest.raises(TypeError, match=r"a is a traced value.*inside jax.jit.*outside"):
+            step(jnp.ones(3))
+        assert m.all_steps() == []
+
+
 def test_to_saveable_keeps_python_scalars_and_unwraps_typed_keys():
     out = to_saveable({"step": 0, "lr": 0.1, "on": True, "key": jax.random.key(3)})
     assert out["step"] == 0 and type(out["step"]) is int
