@@ -35,10 +35,30 @@ class DirectoryLockedError(RuntimeError):
 
 
 def write_error(what: str, e: BaseException, intact: list[int]) -> CheckpointWriteError:
-    hint = (" Fix the cause (disk space, permissions) and save again." if isinstance(e, OSError)
-            else " Save again; if it keeps failing, report it with this message.")
+    if _disk_full(e):
+        hint = (" The disk is full: free space (jaxckpt prune DIR deletes what the policy "
+                "no longer keeps; keep_latest/keep_best bound what a run keeps) and save "
+                "again.")
+    elif isinstance(e, OSError):
+        hint = " Fix the cause (disk space, permissions) and save again."
+    else:
+        hint = " Save again; if it keeps failing, report it with this message."
     return CheckpointWriteError(f"{what} failed: {_describe(e)}. Every earlier checkpoint "
                                 f"is intact ({intact}).{hint}")
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, raised as OSError by Python or as text by TensorStore ("No space left on
+    device [os_error_code='28']"), anywhere in the chain."""
+    import errno
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or \
+                "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _describe(e: BaseException) -> str:

@@ -74,6 +74,8 @@ def new_manager(directory: epath.Path, *, async_save: bool, read_only: bool,
     where a plain ``ocp.CheckpointManager(best_fn=...)`` finds them.
     """
     monitor = policy.monitor
+    if not read_only:
+        quiet_thread_tracebacks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None,
         enable_async_checkpointing=async_save,
@@ -159,6 +161,28 @@ def meet_after_failure(tag: str, failure: BaseException) -> None:
 
 def _drop_no_metrics(record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
+
+
+_THREAD_FAILED = ("_SignalingThread.run() raised an exception",
+                  "Commit operations or the Commit callback in background save thread",
+                  "Save Finalize thread")
+
+
+def _one_line_per_failed_thread(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background save once per thread it ran on, each with a
+    traceback (three failed saves on a full disk printed 1,383 lines). jaxckpt raises the
+    error at the next ``save()``/``wait()`` with what it means; the log keeps one line per
+    thread, for the logs of a multi-process job."""
+    if record.exc_info and any(m in str(record.msg) for m in _THREAD_FAILED):
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def quiet_thread_tracebacks() -> None:
+    """Install :func:`_one_line_per_failed_thread` on absl's logger (once)."""
+    absl_log = logging.getLogger("absl")
+    if _one_line_per_failed_thread not in absl_log.filters:
+        absl_log.addFilter(_one_line_per_failed_thread)
 
 
 def close_quietly(manager: ocp.CheckpointManager, reported: BaseException | None) -> None:

@@ -98,6 +98,21 @@ class Writer:
                 f"within {self.timeout:.0f} s (a stalled store?); it was abandoned, and this "
                 "manager writes nothing more. Every committed checkpoint is intact.")
         self.ocp.close()
+        self._remove_own_leftovers()
+
+    def _remove_own_leftovers(self) -> None:
+        """Remove what a failed save left (Orbax's temporary step directory after a full
+        disk): every write has ended (Orbax's manager is closed), and this run holds the
+        lock. The next writing open would remove it too, but a run that goes on saving
+        should not hold it until then. One process only: another could still be writing
+        its share."""
+        if not self.primary or orbax_io.process_count() > 1:
+            return
+        try:
+            storage.finish_deletions(self.directory)
+        except OSError as e:  # left for the next writing open, which removes it too
+            log.warning("could not remove what a failed save left in %s: %s",
+                        self.directory, e)
 
     # -- deciding ----------------------------------------------------------------------
 
@@ -425,7 +440,8 @@ class Writer:
 
     def reset_orbax(self, reported: BaseException) -> None:
         """After a failed save, continue with a fresh Orbax manager (Orbax re-raises a
-        failed save's error at later calls; a new one starts clean and deletes the failed
-        save's temporary directory)."""
+        failed save's error at later calls; a new one starts clean), and remove the failed
+        save's temporary directory, which a local one kept for the rest of the run."""
         orbax_io.close_quietly(self.ocp, reported)
+        self._remove_own_leftovers()
         self.ocp = self._new_orbax()

@@ -242,17 +242,27 @@ def test_heartbeat_refreshes_and_a_lost_lock_stops_the_writer(tmp_path, monkeypa
 # -- storage faults -----------------------------------------------------------------------
 
 
-def test_disk_full_mid_write_then_bigger_disk(tmp_path):
-    """A 1 MiB tmpfs: the 8 MB write fills it mid-way (real ENOSPC in Orbax's writer)."""
+def test_disk_full_mid_write_then_bigger_disk(tmp_path, caplog):
+    """A 1 MiB tmpfs: the 8 MB write fills it mid-way (real ENOSPC in Orbax's writer).
+    The error names the fix; the failed write's temporary directory is removed at once
+    (it stayed for the rest of the run), and Orbax's log keeps one line per thread that
+    failed, without the tracebacks (three failed saves printed 1,383 lines)."""
     with tmpfs(tmp_path / "disk", "1m") as disk:
         with CheckpointManager(disk / "ckpt", CheckpointPolicy(keep_latest=1)) as m:
             m.save(1, {"x": np.arange(10.0)})
             m.wait()
+            caplog.clear()
             m.save(2, {"x": big(2)})
             with pytest.raises(jaxckpt.CheckpointWriteError) as err:
                 m.wait()
             msg = str(err.value)
             assert str(disk / "ckpt") in msg and "No space left on device" in msg, msg
+            assert "The disk is full: free space" in msg, msg
+            assert sorted(p.name for p in (disk / "ckpt").iterdir()) == [
+                "1", "jaxckpt.json", "jaxckpt.lock"]
+            orbax = [r for r in caplog.records if r.name == "absl"]
+            assert any("_SignalingThread.run() raised" in r.getMessage() for r in orbax)
+            assert [r.getMessage()[:80] for r in orbax if r.exc_info] == []
             assert m.steps() == [1]
             assert m.verify() == {1: []}
             assert np.array_equal(m.restore(1)["x"], np.arange(10.0))
