@@ -172,10 +172,11 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> SklearnDigits:
       data_dir: TFDS data directory; defaults to :func:`default_data_dir`.
     """
     data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
-    builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return builder
-    with _exclusive_lock(data_dir):
+    with _quiet_tfds():
+        builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
+        if builder.is_prepared():
+            return builder
+    with _exclusive_lock(data_dir), _quiet_tfds():
         # A fresh builder: another process may have finished while we waited, and a
         # builder only reads the on-disk DatasetInfo when it is constructed.
         builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
@@ -185,6 +186,28 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> SklearnDigits:
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False),
             )
     return builder
+
+
+def _drop_unprepared_variant(record: Any) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's messages for a dataset it downloads ("Downloading and preparing dataset",
+    printed to stdout; "Variant folder ... has no dataset_info.json" before the first
+    preparation): the embedded digits are built locally and downloaded from nowhere."""
+    import logging
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_drop_unprepared_variant)
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")) as sink:
+            try:
+                yield
+            finally:
+                sink.close()
+    finally:
+        absl_log.removeFilter(_drop_unprepared_variant)
 
 
 def digits_splits(

@@ -85,6 +85,11 @@ def test_concurrent_preparation_does_not_corrupt(tmp_path):
         """
         import sys
         from jaxckpt import data
+        build = data.SklearnDigits.download_and_prepare
+        def counted(self, *args, **kwargs):
+            print("BUILT", file=sys.stderr)  # TFDS's own stdout message is silenced
+            return build(self, *args, **kwargs)
+        data.SklearnDigits.download_and_prepare = counted
         b = data.prepare_digits(sys.argv[1])
         src = b.as_data_source(split="train")
         print("OK", len(src), sum(int(src[i]["index"]) for i in range(len(src))))
@@ -103,7 +108,9 @@ def test_concurrent_preparation_does_not_corrupt(tmp_path):
         assert p.returncode == 0, err[-3000:]
         assert f"OK {N_DIGITS} {N_DIGITS * (N_DIGITS - 1) // 2}" in out
     # The lock makes the loser reuse the winner's data instead of generating it again.
-    assert sum("Downloading and preparing" in out for out, _ in outs) <= 1
+    assert sum("BUILT" in err for _, err in outs) == 1
+    # TFDS's "Downloading and preparing dataset": nothing is downloaded
+    assert not any("Downloading" in out or "Variant folder" in err for out, err in outs)
     dataset_dir = tmp_path / "sklearn_digits"
     assert sorted(os.listdir(dataset_dir)) == ["1.0.0"]  # no leftover incomplete.* dirs
     assert len(data.prepare_digits(tmp_path).as_data_source(split="train")) == N_DIGITS
