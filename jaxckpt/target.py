@@ -532,6 +532,14 @@ def _dtype_problem(path: str, x: Any, meta: Any) -> str | None:
     return None
 
 
+def _matching_subtrees(saved: dict[str, Any], wanted: dict[str, Any],
+                       differing: list[str]) -> list[str]:
+    """Top-level names under which target and checkpoint agree, when others differ."""
+    top = lambda key: key.split("/", 1)[0]  # noqa: E731
+    bad = {top(k) for k in differing}
+    return sorted({top(k) for k in wanted} & {top(k) for k in saved} - bad)
+
+
 def _check_against_saved(saved: dict[str, Any], wanted: dict[str, Any], step: Any) -> None:
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
@@ -553,6 +561,12 @@ def _check_against_saved(saved: dict[str, Any], wanted: dict[str, Any], step: An
         lines.append("Build the target from the same model/optimizer config that wrote the "
                      "checkpoint, or restore with target=None to get the saved arrays as "
                      "numpy.")
+        same = _matching_subtrees(saved, wanted, [*missing, *extra, *shapes])
+        if same:
+            name = "params" if "params" in same else same[0]
+            lines.append(f"These parts match: {same}. To take one of them alone (the params "
+                         f"for a new optimizer), restore(..., target=state.{name}, "
+                         f"subtree={name!r}).")
     if dtypes:
         lines.append("Nothing is cast silently: restore with target=None, or build the target "
                      "with the saved dtype (e.g. jax.ShapeDtypeStruct(shape, saved_dtype, "

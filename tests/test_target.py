@@ -437,6 +437,19 @@ def test_same_arrays_in_another_optimizer_chain_is_a_structure_error(tmp_path):
         assert m.steps() == [1] and m.verify() == {1: []}
 
 
+def test_a_mismatch_outside_the_params_names_the_subtree_restore(tmp_path):
+    """Another optimizer's target: the message points to restoring the params alone."""
+    with CheckpointManager(tmp_path) as m:
+        m.save(1, {"params": {"w": jnp.ones(2)}, "opt": {"mu": jnp.ones(2)}})
+        m.wait()
+        with pytest.raises(jaxckpt.RestoreStructureError,
+                           match=r"match: \['params'\].*target=state.params, subtree='params'"):
+            m.restore(1, target={"params": {"w": jnp.ones(2)}, "opt": {"trace": jnp.ones(2)}})
+        with pytest.raises(jaxckpt.RestoreStructureError) as err:  # nothing matches
+            m.restore(1, target={"params": {"v": jnp.ones(2)}, "opt": {"mu": jnp.ones(3)}})
+        assert "subtree=" not in str(err.value)
+
+
 def test_bad_target_leaf_is_named(tmp_path):
     with CheckpointManager(tmp_path) as m:
         m.save(1, {"w": jnp.ones(2)})
