@@ -370,6 +370,11 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
                        has_manifest=False, writer=writer, incomplete=not complete)
     missing = tuple(f"{rel}: missing" for rel in fmt.COMMIT_FILES if rel not in names)
     if missing and MANIFEST_FILE not in names:
+        if _state_whole(names):
+            # Its state is all there: damage to a checkpoint (two lost files), set aside
+            # and kept, never deleted as unfinished.
+            return Verdict(step, missing + (f"{MANIFEST_FILE}: missing",),
+                           has_manifest=False)
         # Never committed whole (a copy or a deletion cut short): not a checkpoint.
         return Verdict(step, missing, has_manifest=False, incomplete=True)
     # With a manifest the step was complete once: a lost file is damage, set aside (below).
@@ -389,6 +394,14 @@ def check(step_dir: epath.Path, step: int, *, checksums: bool) -> Verdict:
     arrays = manifest.get("arrays", {})
     return Verdict(step, tuple(problems), arrays=arrays.get("leaves"),
                    saved=arrays.get("saved"), records=records)
+
+
+def _state_whole(names: set[str]) -> bool:
+    """Whether the state item holds what Orbax writes last (its ``_METADATA``) and the
+    OCDBT root with data files: a state Orbax can restore."""
+    state = f"{fmt.STATE}/"
+    return (f"{state}_METADATA" in names and f"{state}manifest.ocdbt" in names
+            and any(n.startswith(state) and "/d/" in n for n in names))
 
 
 def _half_deleted(manifest: dict, on_disk: dict[str, int]) -> bool:
