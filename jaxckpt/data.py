@@ -201,11 +201,8 @@ def _quiet_tfds() -> Iterator[None]:
     absl_log = logging.getLogger("absl")
     absl_log.addFilter(_drop_unprepared_variant)
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")) as sink:
-            try:
-                yield
-            finally:
-                sink.close()
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
     finally:
         absl_log.removeFilter(_drop_unprepared_variant)
 

@@ -386,9 +386,9 @@ class CheckpointManager:
         """
         self._check_open()
         self._finish_pending()
-        everything = self._catalog.all_steps()
         if step is not None:
             step = fmt.as_int("step", step)
+            everything = self._catalog.all_steps()
             if step not in everything:
                 raise CheckpointNotFoundError(
                     f"no checkpoint for step {step} in {self._dir}; available steps: "

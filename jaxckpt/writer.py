@@ -231,16 +231,13 @@ class Writer:
         # unfinished write, which Orbax may overwrite.
         if not (remote and step == self._tried):
             self._check_step_free(step)
-        self._check_kept_before_deleting(Record(
-            step, value, time=now, has_metrics=metrics is not None,
-            improved=self.policy.improves(value, list(self.catalog.records.values()))
-            if self.policy.monitor else None))
+        record = self._new_record(step, value, now, metrics)
+        if self._check_kept_before_deleting(record):  # set one aside: rank again
+            record = self._new_record(step, value, now, metrics)
         previous = self.catalog.latest()
-        records = list(self.catalog.records.values())
-        improved = self.policy.improves(value, records) if self.policy.monitor else None
         meta = fmt.encode_meta(step=step, epoch=epoch, metrics=metrics, time=now,
                                reason=str(reason), policy=self.policy.to_json(),
-                               improved=improved,
+                               improved=record.improved,
                                ledger=self.ledger.segment(self._segment_start(previous), step))
         start = time.perf_counter()
         self._tried = step
@@ -258,8 +255,7 @@ class Writer:
         else:  # a CPU state, its buffers pinned: Orbax's save runs on the background thread
             handoff = (pinned, items)
         blocked = time.perf_counter() - start
-        self.catalog.add(step, Record(step, value, time=now, has_metrics=metrics is not None,
-                                       improved=improved))
+        self.catalog.add(step, record)
         self._checked.add(step)  # written by this manager: its checksums are fresh
         self.last_save_time = now
         kept = self.policy.kept(list(self.catalog.records.values()))
@@ -275,22 +271,33 @@ class Writer:
         if not self.async_save:
             self.finish_pending()
 
-    def _check_kept_before_deleting(self, new: Record) -> None:
+    def _new_record(self, step: int, value: float | None, now: float,
+                    metrics: dict | None) -> Record:
+        """What the policy will know of ``step``: whether it improves on the checkpoints
+        in the catalog now."""
+        improved = (self.policy.improves(value, list(self.catalog.records.values()))
+                    if self.policy.monitor else None)
+        return Record(step, value, time=now, has_metrics=metrics is not None,
+                      improved=improved)
+
+    def _check_kept_before_deleting(self, new: Record) -> bool:
         """Compare the small files' checksums of the checkpoints kept beside ``new``
         (once each per manager; opening checks sizes only) when saving ``new`` would
         delete another: a kept checkpoint is the reason the other is deleted. A best
         whose ``_METADATA`` was damaged otherwise stayed best, and the runner-up, what a
         restore falls back to, was deleted in its favour. One found damaged is set aside
-        before the new checkpoint is ranked."""
-        while True:
+        before the new checkpoint is ranked. Returns whether one was (or vanished)."""
+        before = set(self.catalog.records)
+        while not self._checked.issuperset(self.catalog.records):  # else nothing to do
             records = list(self.catalog.records.values())
             kept = self.policy.kept(records + [new])
             unchecked = [s for s in kept if s != new.step and s not in self._checked]
             if not unchecked or {r.step for r in records} <= set(kept):
-                return
+                break
             for s in unchecked:
                 self._checked.add(s)
                 self.catalog.examine(s, checksums=True, warn=self.warn_corrupt)
+        return set(self.catalog.records) != before
 
     def _check_step_free(self, step: int) -> None:
         """Refuse a step whose name is taken by something that is not a checkpoint (an
