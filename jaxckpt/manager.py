@@ -279,14 +279,19 @@ class CheckpointManager:
         """Block until every background write has committed (and raise if one failed).
 
         In a multi-process job every process calls it (as it calls ``save``), and it
-        returns on each once the primary has also written its manifests and deleted what
-        they replaced: a process that then reads the directory sees what was committed.
+        returns on each once the primary has also written its manifests and taken what
+        they replaced out of the directory: a process that then reads the directory sees
+        what was committed. The space of what was replaced is freed in the background
+        (``close()`` waits for it; a failure is raised at the next call).
         """
+        self._wait()
+
+    def _wait(self, reclaimed: bool = False) -> None:
         self._check_open()
         try:
             if self._writer is not None:
                 self._writer.flush_ledger()
-            self._finish_pending()
+                self._writer.finish_pending(reclaimed=reclaimed)
         except Exception as e:  # a process that failed still meets the others (not on Ctrl-C)
             if self._writer is not None:
                 orbax_io.meet_after_failure("wait", e)
@@ -301,7 +306,7 @@ class CheckpointManager:
             return
         try:
             if not self._read_only:
-                self.wait()
+                self._wait(reclaimed=True)
         finally:
             self._closed = True
             _open_managers.discard(self)

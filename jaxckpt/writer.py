@@ -78,6 +78,7 @@ class Writer:
         self._drain_timeout = timeout  # for the background work: see write_deadline
         self.ocp = self._new_orbax()
         self.background = Background()
+        self._reclaim = Background("jaxckpt-reclaim")  # frees replaced checkpoints' space
         self._last_flush = time.monotonic()
         self._doing = "background work"  # what the background thread does now, for errors
         self._abandoned = threading.Event()  # set by close() past the deadline: a late
@@ -91,7 +92,8 @@ class Writer:
 
     def close(self) -> None:
         """Finish the background work; past the deadline, abandon it and raise."""
-        if not self.background.shutdown(timeout=self.timeout):
+        if not (self.background.shutdown(timeout=self.timeout)
+                and self._reclaim.shutdown(timeout=self.timeout)):
             self._abandoned.set()
             raise CheckpointWriteError(
                 f"closing the manager of {self.directory}: {self._doing} did not finish "
@@ -106,6 +108,8 @@ class Writer:
         lock. The next writing open would remove it too, but a run that goes on saving
         should not hold it until then. One process only: another could still be writing
         its share."""
+        for e in self._reclaim.settle():  # its removals, which finish_deletions repeats
+            log.warning("%s: %s", (getattr(e, "__notes__", None) or ["removing"])[-1], e)
         if not self.primary or orbax_io.process_count() > 1:
             return
         try:
@@ -336,6 +340,8 @@ class Writer:
         the hashes of host arrays then take none of the time from ``save()`` to the manifest.
         """
         step_dir = self.directory / str(step)
+        # The space of what the last commit replaced is free before this write fills more.
+        self._reclaim.join()
         self._doing = f"writing checkpoint {step} to {step_dir} (Orbax)"
         if handoff is not None:
             if self._abandoned.is_set():  # close() gave up on the queue: write nothing more
@@ -355,7 +361,10 @@ class Writer:
                     break
                 log.debug("deleting step %d: no longer among the kept checkpoints", s)
                 self._doing = f"deleting checkpoint {s} ({self.directory / str(s)})"
-                storage.remove_tree(self.directory, s, timeout=self.timeout)
+                aside = storage.set_aside(self.directory, s, timeout=self.timeout)
+                if aside is not None:
+                    self._reclaim.submit(self._noted(storage.remove_set_aside, self._doing),
+                                         aside)
         self.auto.observe_save(step, blocked, time.perf_counter() - start)
 
     def maybe_flush_ledger(self) -> None:
@@ -375,14 +384,16 @@ class Writer:
         self._last_flush = time.monotonic()
         self.background.submit(self._noted(self._write_ledger), snapshot)
 
-    def _noted(self, task: Callable[..., None]) -> Callable[..., None]:
-        """``task``, whose error carries what it was doing (for the message at the next
-        call: later tasks have moved ``_doing`` on by then)."""
+    def _noted(self, task: Callable[..., None], doing: str | None = None
+               ) -> Callable[..., None]:
+        """``task``, whose error carries what it was doing (``doing``, or what the writer
+        was doing when it failed), for the message at the next call: later tasks have
+        moved ``_doing`` on by then."""
         def run(*args):
             try:
                 task(*args)
             except BaseException as e:
-                e.add_note(self._doing)
+                e.add_note(doing or self._doing)
                 raise
         return run
 
@@ -395,12 +406,22 @@ class Writer:
     def raise_finished(self) -> None:
         try:
             self.background.raise_finished()
+            self._reclaim.raise_finished()
         except Exception as e:
             self._after_failure(e)
 
-    def finish_pending(self) -> None:
+    def finish_pending(self, reclaimed: bool = False) -> None:
+        """Wait for the background writes; with ``reclaimed``, also for the removal of
+        the checkpoints they replaced (``close``). ``wait()`` returns without it: the
+        replaced checkpoints are out of every reader's sight once set aside, and freeing
+        their space took as long as a 128 MiB write here. A failed removal is raised at
+        the next call either way."""
         try:
             self.background.drain(timeout=self._drain_timeout)
+            if reclaimed:
+                self._reclaim.drain(timeout=self.timeout)
+            else:
+                self._reclaim.raise_finished()
         except Exception as e:
             self._after_failure(e)
 

@@ -730,3 +730,70 @@ def test_small_arrays_are_read_into_the_buffers_the_restored_arrays_own(tmp_path
         doubled = jax.block_until_ready(step(out))
     assert leaves_equal(doubled, jax.tree.map(lambda x: x * 2, state))
     assert all(x.is_deleted() for x in jax.tree.leaves(out))
+
+
+def _slow_removals(monkeypatch, events, release=None, pause_s=0.0):
+    """Removals of replaced checkpoints that wait for ``release`` (or ``pause_s``) and
+    record themselves in ``events``; writes of the state record themselves too."""
+    from jaxckpt import orbax_io, storage
+
+    remove, save = storage.remove_set_aside, orbax_io.save
+
+    def slow_remove(aside):
+        if release is not None:
+            assert release.wait(60), "the test never released the removal"
+        time.sleep(pause_s)
+        remove(aside)
+        events.append(f"removed {os.path.basename(aside).split('-')[2]}")
+
+    def recorded_save(manager, step, *args, **kwargs):
+        events.append(f"write {step}")
+        return save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "remove_set_aside", slow_remove)
+    monkeypatch.setattr(orbax_io, "save", recorded_save)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_wait_returns_once_the_replaced_checkpoint_is_out_of_sight(tmp_path, monkeypatch,
+                                                                   async_save):
+    """wait() (and a synchronous save) returns when the directory holds what the policy
+    keeps; freeing the replaced checkpoint's space goes on behind it, and close() waits
+    for that. Here the removal is held until after wait() returned."""
+    import threading
+
+    events, release = [], threading.Event()
+    _slow_removals(monkeypatch, events, release=release)
+    m = CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1), async_save=async_save)
+    m.save(1, {"x": np.arange(4.0)})
+    m.save(2, {"x": np.arange(4.0) + 1})
+    waiter = threading.Thread(target=m.wait)
+    waiter.start()
+    waiter.join(30)
+    try:
+        assert not waiter.is_alive(), "wait() waited for the removal of checkpoint 1"
+        assert m.steps() == [2] and "removed 1" not in events
+        names = os.listdir(tmp_path)
+        assert "1" not in names and any(n.startswith(".jaxckpt-deleting-1-") for n in names)
+        with CheckpointManager(tmp_path, read_only=True) as reader:
+            assert reader.steps() == [2]
+    finally:
+        release.set()
+    m.close()
+    assert events[-1] == "removed 1"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".jaxckpt-deleting")]
+    with CheckpointManager(tmp_path, read_only=True) as reader:
+        np.testing.assert_array_equal(reader.restore()["x"], np.arange(4.0) + 1)
+
+
+def test_the_next_write_starts_once_the_replaced_checkpoint_is_removed(tmp_path,
+                                                                       monkeypatch):
+    """Freeing space runs behind wait(), never behind the next write: a run on a nearly
+    full disk has the replaced checkpoint's space back before it writes the next one."""
+    events = []
+    _slow_removals(monkeypatch, events, pause_s=0.5)
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1)) as m:
+        for step in (1, 2, 3):
+            m.save(step, {"x": np.full(4, float(step))})
+            m.wait()
+    assert events == ["write 1", "write 2", "removed 1", "write 3", "removed 2"], events
