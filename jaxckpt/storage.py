@@ -20,8 +20,8 @@ from jaxckpt import format as fmt
 
 __all__ = ["is_remote", "as_path", "call", "atomic_write_text", "read_text", "move_tree",
            "check_writable", "occupant", "walk_files", "list_names", "remove_tree",
-           "set_aside", "remove_set_aside", "finish_deletions", "forget_cached_listings", "StorageTimeoutError",
-           "DEFAULT_TIMEOUT_S"]
+           "set_aside", "remove_set_aside", "finish_deletions", "forget_cached_listings",
+           "StorageTimeoutError", "DEFAULT_TIMEOUT_S"]
 
 log = logging.getLogger("jaxckpt")
 T = TypeVar("T")
