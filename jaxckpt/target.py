@@ -249,9 +249,19 @@ def check_saveable(tree: Any) -> None:
 
     Raises:
       TypeError: naming each unsaveable leaf by its path, what it is and the fix.
-      ValueError: the state has no leaf at all (an empty dict, only ``None``).
+      ValueError: the state has no leaf at all (an empty dict, only ``None``), or a
+        dict's keys cannot be sorted (``{1: x, "1": y}``).
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    try:
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    except ValueError as e:
+        mixed = _mixed_keys(tree)
+        if mixed is None:
+            raise
+        raise ValueError(
+            f"the state cannot be saved: the dict at {mixed[0]} has keys of different "
+            f"types ({mixed[1]}), which JAX cannot sort into a fixed leaf order. Use keys "
+            "of one type, e.g. str(key) for every key.") from e
     if not flat:
         raise ValueError(f"the state to save has no arrays or numbers (it is {tree!r:.80}): "
                          "pass the train state itself (params, optimizer state, step).")
@@ -261,6 +271,21 @@ def check_saveable(tree: Any) -> None:
         raise TypeError("the state cannot be saved; these leaves cannot be stored:\n"
                         + "\n".join(problems))
     _check_distinct_names([p for p, _ in flat])
+
+
+def _mixed_keys(tree: Any, path: str = "<root>") -> tuple[str, str] | None:
+    """``(path, key types)`` of the first dict (depth first, dicts and sequences) whose
+    keys are of more than one type, or None."""
+    if isinstance(tree, dict):
+        kinds = sorted({type(k).__name__ for k in tree})
+        if len(kinds) > 1:
+            return path, ", ".join(kinds)
+        items = [(f"{path}[{k!r}]", v) for k, v in tree.items()]
+    elif isinstance(tree, (list, tuple)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(tree)]
+    else:
+        return None
+    return next((m for p, v in items if (m := _mixed_keys(v, p)) is not None), None)
 
 
 def _check_distinct_names(paths: list[Sequence[Any]]) -> None:

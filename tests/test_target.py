@@ -496,6 +496,15 @@ def test_leaves_whose_paths_read_alike_are_refused_before_anything_is_written(
         assert np.array_equal(m.restore(2)[key], np.ones(2))
 
 
+def test_dict_keys_of_mixed_types_name_the_dict_and_the_fix(tmp_path):
+    """{1: x, "1": y} gave JAX's "Comparator raised exception" with no path."""
+    state = {"params": {"w": jnp.ones(2)}, "heads": [{1: jnp.ones(2), "1": jnp.zeros(2)}]}
+    with CheckpointManager(tmp_path) as m:
+        with pytest.raises(ValueError, match=r"(?s)<root>\['heads'\]\[0\].*int, str.*one type"):
+            m.save(1, state)
+        assert m.all_steps() == []
+
+
 def test_save_inside_jit_names_the_fix(tmp_path):
     with CheckpointManager(tmp_path) as m:
         @jax.jit
