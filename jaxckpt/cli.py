@@ -309,7 +309,7 @@ def cmd_ls(args) -> int:
                    "best_path": _path_or_none(mngr, mngr.best_step()),
                    "latest_path": _path_or_none(mngr, mngr.latest_step()),
                    "checksums": not args.quick, "checkpoints": rows,
-                   "ignored": [{"step": s, "why": why} for s, why in ignored.items()]}
+                   "ignored": ignored}
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
@@ -341,21 +341,44 @@ def cmd_ls(args) -> int:
     return EXIT_OK
 
 
-def _ignored(mngr) -> dict[int, str]:
+def _ignored(mngr) -> list[dict[str, Any]]:
     """Entries named like a step that are not checkpoints (a file, an empty directory, a
-    half-copied step): never listed, restored, moved or deleted, but worth a line."""
-    out = {}
+    half-copied step), then a writer's unfinished work: never listed, restored, moved or
+    deleted by a reader, but worth a line. Each: ``{"step", "name", "why"}``."""
+    out = []
     for step, v in mngr.verdicts().items():
         if v.incomplete:
             why = "; ".join(p.removeprefix(".: ") for p in v.problems) or "incomplete"
-            out[step] = why + ("; the next writer removes it (an unfinished jaxckpt step)"
-                               if v.writer == "jaxckpt" else "; jaxckpt leaves it alone")
+            out.append({"step": step, "name": str(step),
+                        "why": why + ("; the next writer removes it (an unfinished jaxckpt "
+                                      "step)" if v.writer == "jaxckpt"
+                                      else "; jaxckpt leaves it alone")})
+    return out + _unfinished(mngr.directory)
+
+
+def _unfinished(directory) -> list[dict[str, Any]]:
+    """Orbax's temporary step directories and checkpoints being deleted: a writer's work
+    in progress, or what a killed one left (the next writing open removes them)."""
+    from jaxckpt import format as fmt
+    from jaxckpt.storage import list_names
+    out = []
+    for name in sorted(list_names(directory)):
+        if fmt.is_orbax_temp(name):
+            step, what = int(name.partition(".")[0]), "a save not finished"
+        elif fmt.is_deleting(name):
+            head = name.removeprefix(".jaxckpt-deleting-").partition("-")[0]
+            step, what = (int(head) if head.isdigit() else None), "a deletion not finished"
+        else:
+            continue
+        out.append({"step": step, "name": name,
+                    "why": f"{what}: in progress, or left by a killed writer; the next "
+                           "writing open removes it"})
     return out
 
 
-def _print_ignored(ignored: dict[int, str]) -> None:
-    for step, why in ignored.items():
-        print(f"ignored: {step} is not a checkpoint ({why})")
+def _print_ignored(ignored: list[dict[str, Any]]) -> None:
+    for entry in ignored:
+        print(f"ignored: {entry['name']} is not a checkpoint ({entry['why']})")
 
 
 def _path_or_none(mngr, step: int | None) -> str | None:
@@ -434,7 +457,7 @@ def cmd_verify(args) -> int:
     with _open(args.directory, monitor=args.monitor, mode=args.mode) as mngr:
         checked = mngr.verify(args.step)  # names an unknown step itself
         verdicts = {s: v for s, v in mngr.verdicts().items() if s in checked}
-        ignored = _ignored(mngr) if args.step is None else {}
+        ignored = _ignored(mngr) if args.step is None else []
         directory = mngr.directory
     if not verdicts:
         raise CliError(f"no checkpoints in {directory} to verify.")

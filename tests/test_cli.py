@@ -305,6 +305,28 @@ def test_ls_and_verify_name_what_is_named_like_a_step_but_ignored(tutorial, tmp_
     assert (d / "7").is_dir() and (d / "8").read_text() == "notes"
 
 
+def test_ls_names_a_writer_s_unfinished_save_and_deletion_until_a_writer_removes_them(
+        tutorial, tmp_path, capsys):
+    """A killed writer's Orbax temp step and half-removed checkpoint got no line in ls."""
+    d = shutil.copytree(tutorial, tmp_path / "c")
+    (d / "9.orbax-checkpoint-tmp-1733300000000000" / "state").mkdir(parents=True)
+    (d / ".jaxckpt-deleting-3-0123abcd").mkdir()
+    assert main(["ls", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "2 checkpoints" in out
+    assert ("ignored: 9.orbax-checkpoint-tmp-1733300000000000 is not a checkpoint (a save "
+            "not finished: in progress, or left by a killed writer; the next writing open "
+            "removes it)") in out
+    assert "ignored: .jaxckpt-deleting-3-0123abcd is not a checkpoint (a deletion" in out
+    assert main(["ls", str(d), "--json"]) == 0
+    ignored = json.loads(capsys.readouterr().out)["ignored"]
+    assert [(i["step"], i["name"][:2]) for i in ignored] == [(3, ".j"), (9, "9.")]
+    assert (d / ".jaxckpt-deleting-3-0123abcd").is_dir()  # a reader removes nothing
+    CheckpointManager(d).close()
+    assert main(["ls", str(d)]) == 0
+    assert "ignored" not in capsys.readouterr().out
+
+
 def test_prune_says_a_step_saved_without_metrics_has_none(tmp_path, capsys):
     policy = CheckpointPolicy(monitor="val_loss", keep_best=1, keep_latest=3)
     with CheckpointManager(tmp_path, policy) as m:
