@@ -29,10 +29,6 @@ class Background:
         self._futures: collections.deque[concurrent.futures.Future] = collections.deque()
         self._lock = threading.Lock()
 
-    @property
-    def pending(self) -> int:
-        return len(self._futures)
-
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         with self._lock:
             self._futures.append(self._pool.submit(fn, *args))
