@@ -275,7 +275,7 @@ class CheckpointManager:
         return self._writer.offer(step, state, clean, epoch, encoded_data, value,
                                   now=self._clock(), force=force)
 
-    def wait(self) -> None:
+    def wait(self, *, reclaimed: bool = False) -> None:
         """Block until every background write has committed (and raise if one failed).
 
         In a multi-process job every process calls it (as it calls ``save``), and it
@@ -283,8 +283,13 @@ class CheckpointManager:
         they replaced out of the directory: a process that then reads the directory sees
         what was committed. The space of what was replaced is freed in the background
         (``close()`` waits for it; a failure is raised at the next call).
+
+        Args:
+          reclaimed: also wait until that space is freed: for a script that measures what
+            a save costs (its CPU, the disk's free space) and must not leave part of it
+            running into the next measurement. The next write waits for it anyway.
         """
-        self._wait()
+        self._wait(reclaimed=fmt.as_bool("reclaimed", reclaimed))
 
     def _wait(self, reclaimed: bool = False) -> None:
         self._check_open()

@@ -791,6 +791,25 @@ def test_wait_returns_once_the_replaced_checkpoint_is_out_of_sight(tmp_path, mon
         np.testing.assert_array_equal(reader.restore()["x"], np.arange(4.0) + 1)
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_wait_reclaimed_returns_once_the_replaced_checkpoint_s_files_are_gone(
+        tmp_path, monkeypatch, async_save):
+    """A benchmark measuring a save's CPU (or a script reading the disk's free space)
+    waits for the removal too, with the public API rather than polling the directory."""
+    events = []
+    _slow_removals(monkeypatch, events, pause_s=0.3)
+    with CheckpointManager(tmp_path, CheckpointPolicy(keep_latest=1),
+                           async_save=async_save) as m:
+        m.save(1, {"x": np.arange(4.0)})
+        m.save(2, {"x": np.arange(4.0) + 1})
+        m.wait(reclaimed=True)
+        assert events[-1] == "removed 1", events
+        assert sorted(n for n in os.listdir(tmp_path) if n[0].isdigit() or
+                      n.startswith(".jaxckpt-deleting")) == ["2"]
+        with pytest.raises(TypeError, match="reclaimed must be True or False"):
+            m.wait(reclaimed="yes")
+
+
 def test_the_next_write_starts_once_the_replaced_checkpoint_is_removed(tmp_path,
                                                                        monkeypatch):
     """Freeing space runs behind wait(), never behind the next write: a run on a nearly

@@ -10,7 +10,6 @@ metrics in a JSON item beside it.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -39,17 +38,18 @@ class JaxckptSaver:
     def wait(self) -> None:
         self._m.wait()
 
-    def settled(self, poll_s: float = 0.005) -> None:
+    def settled(self) -> None:
         """Block until the checkpoints the last saves replaced are gone from the disk.
 
         ``wait()`` returns once a replaced checkpoint is renamed out of sight
         (``.jaxckpt-deleting-*``); its files are removed on a thread of their own after
-        that. A phase that measures the CPU a save costs waits for this too, and no phase
-        leaves it running into another process's measurement. Raw Orbax removes inside
+        that. A phase that measures the CPU a save costs waits for this too
+        (``wait(reclaimed=True)``: a join, as Orbax's own wait; polling the directory
+        every 5 ms cost ~5 ms of CPU per 0.3 s removal), and no phase leaves it running
+        into another process's measurement. Raw Orbax removes inside
         ``wait_until_finished``: its ``settled`` has nothing to wait for.
         """
-        while any(name.startswith(".jaxckpt-deleting-") for name in os.listdir(self.directory)):
-            time.sleep(poll_s)
+        self._m.wait(reclaimed=True)
 
     def restore(self, step: int, target: Any) -> Any:
         return self._m.restore(step, target=target)
