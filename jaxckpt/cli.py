@@ -363,16 +363,11 @@ def _unfinished(directory) -> list[dict[str, Any]]:
     from jaxckpt.storage import list_names
     out = []
     for name in sorted(list_names(directory)):
-        if fmt.is_orbax_temp(name):
-            step, what = int(name.partition(".")[0]), "a save not finished"
-        elif fmt.is_deleting(name):
-            head = name.removeprefix(".jaxckpt-deleting-").partition("-")[0]
-            step, what = (int(head) if head.isdigit() else None), "a deletion not finished"
-        else:
-            continue
-        out.append({"step": step, "name": name,
-                    "why": f"{what}: in progress, or left by a killed writer; the next "
-                           "writing open removes it"})
+        if (found := fmt.unfinished(name)) is not None:
+            what, step = found
+            out.append({"step": step, "name": name,
+                        "why": f"a {what} not finished: in progress, or left by a killed "
+                               "writer; the next writing open removes it"})
     return out
 
 

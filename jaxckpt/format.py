@@ -89,6 +89,17 @@ def is_orbax_temp(name: str) -> bool:
     return bool(sep) and head.isdigit()
 
 
+def unfinished(name: str) -> tuple[str, int | None] | None:
+    """``("save", step)`` for an Orbax temporary step directory, ``("deletion", step)``
+    for a checkpoint being removed (:func:`deleting_name`), else None."""
+    if is_orbax_temp(name):
+        return "save", int(name.partition(".")[0])
+    if is_deleting(name):
+        head = name.removeprefix(_DELETING).partition("-")[0]
+        return "deletion", int(head) if head.isdigit() else None
+    return None
+
+
 def is_leftover(name: str) -> bool:
     """A file of jaxckpt's own that a killed writer may leave in the directory: a
     temporary ledger or lock file, or a lock moved aside during a take-over."""
